@@ -1,0 +1,31 @@
+# Quick start on a fresh machine: `make bench` and `make test` (each runs `make setup` first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel by default; e.g. `make setup TORCH_SPEC='torch==2.11.0'` for another build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,triton,plot
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup test bench lint gpu-build-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(CSRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m cbkernels.bench $(BENCH_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info cbkernels/*.so $(VENV)/.installed

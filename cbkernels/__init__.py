@@ -1,0 +1,41 @@
+"""cbkernels: fused class-balanced losses (Cui et al., CVPR 2019) for PyTorch.
+
+Importing this package never imports Triton, builds anything or touches a GPU; compiled backends load
+on first use. See SPEC.md for what every loss computes.
+"""
+
+import sys as _sys
+
+from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch custom ops)
+from ._backends import available_backends
+from .losses import (
+    ClassBalancedLoss,
+    cb_focal,
+    cb_sigmoid_cross_entropy,
+    cb_softmax_cross_entropy,
+    cb_softmax_focal,
+    class_balanced_loss,
+)
+from .weights import beta_from_num_samples, class_balanced_weights, effective_number
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassBalancedLoss",
+    "available_backends",
+    "beta_from_num_samples",
+    "cb_focal",
+    "cb_sigmoid_cross_entropy",
+    "cb_softmax_cross_entropy",
+    "cb_softmax_focal",
+    "class_balanced_loss",
+    "class_balanced_weights",
+    "effective_number",
+]
+
+# `import cbkernels.cb_focal` works and leaves `cbkernels.cb_focal` the function: the import system
+# finds the name in sys.modules and binds it on the package as it is.
+for _name in ("cb_focal", "cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_softmax_focal",
+              "class_balanced_loss"):
+    _sys.modules[f"{__name__}.{_name}"] = globals()[_name]
+del _name

@@ -1,0 +1,144 @@
+"""The one dispatch point: which backend computes a loss for which tensors (SPEC section 8).
+
+Every backend provides two forward functions with one signature, over 2-D logits ``[N, C]``:
+
+``forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad)``
+    returns ``(loss [N] float32, grad [N, C] in the logits' dtype, or an empty tensor when not compute_grad)``
+``forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)``
+    returns ``loss [N]`` and writes the gradient over ``logits``.
+
+``loss`` is the per-row loss ``l_i`` of SPEC section 3 (0 for ignored rows); ``grad`` is
+``scale * d l_i / d z_ij`` (SPEC section 4) with ``scale`` a 0-d float32 tensor on the logits' device
+that carries the reduction's normaliser, so no denominator ever travels through the host.
+Inputs arrive validated (see ``_validation``); backends do not check them again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
+BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple  # device types the backend runs on
+    is_available: Callable[[], bool]
+    load: Callable[[], tuple]  # -> (forward, forward_inplace), imported lazily on first use
+    how_to_get: str = ""
+    _fns: Optional[tuple] = None
+
+    def functions(self) -> tuple:
+        if self._fns is None:
+            self._fns = self.load()
+        return self._fns
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _compiled_ext_has(dispatch_key: str) -> bool:
+    if importlib.util.find_spec("cbkernels._C") is None:
+        return False
+    try:
+        importlib.import_module("cbkernels._C")
+    except (ImportError, OSError):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::cb_loss_fwd", dispatch_key)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("cbkernels._triton") is None:
+        return False
+    return triton_interpret() or torch.cuda.is_available()
+
+
+def _load(module: str) -> Callable[[], tuple]:
+    def load() -> tuple:
+        mod = importlib.import_module(module)
+        return mod.forward, mod.forward_inplace
+
+    return load
+
+
+register_backend(Backend("torch", ("cpu", "cuda"), lambda: True, _load("cbkernels._torch_backend")))
+register_backend(
+    Backend(
+        "cpu",
+        ("cpu",),
+        lambda: _compiled_ext_has("CPU"),
+        _load("cbkernels._ops"),
+        how_to_get="build the C++ extension: `pip install --no-build-isolation -e .` (or `make setup`)",
+    )
+)
+register_backend(
+    Backend(
+        "triton",
+        ("cuda", "cpu"),  # CPU tensors only under TRITON_INTERPRET=1
+        _triton_available,
+        _load("cbkernels._triton"),
+        how_to_get="install triton and run on a CUDA device (or set TRITON_INTERPRET=1 for CPU tensors)",
+    )
+)
+register_backend(
+    Backend(
+        "cuda",
+        ("cuda",),
+        lambda: torch.cuda.is_available() and _compiled_ext_has("CUDA"),
+        _load("cbkernels._ops"),
+        how_to_get="build the extension with a CUDA toolkit on a machine with a CUDA build of torch",
+    )
+)
+
+
+def get_backend(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run here, e.g. ``["torch", "cpu"]`` on a CPU machine."""
+    return [name for name, b in _REGISTRY.items() if b.is_available()]
+
+
+# "auto" prefers the CUDA C++ backend for CUDA tensors only once its GPU tests have passed on real
+# hardware; until then Triton is the CUDA default and "cuda" must be asked for (see README).
+CUDA_BACKEND_VERIFIED = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """Map ``backend`` ("auto" or a name) to a usable backend for tensors on ``device``."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            order = ("cuda", "triton", "torch") if CUDA_BACKEND_VERIFIED else ("triton", "torch")
+        else:
+            order = ("cpu", "torch")
+        b = next(_REGISTRY[n] for n in order if device.type in _REGISTRY[n].devices and _REGISTRY[n].is_available())
+        b.functions()
+        return b
+    b = _REGISTRY[backend]
+    if not b.is_available():
+        raise RuntimeError(
+            f"backend {backend!r} is not available here (available: {available_backends()}); {b.how_to_get}"
+        )
+    if device.type not in b.devices or (backend == "triton" and device.type == "cpu" and not triton_interpret()):
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
+    b.functions()  # load outside any autograd.Function or compiled region
+    return b

@@ -1,0 +1,97 @@
+"""Every check on user input, in one place at the API edge (SPEC sections 1-2, 5, 8).
+
+Backends and kernels trust what passes here and never check again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backends import BACKEND_NAMES, LOSS_TYPES
+from .weights import check_beta, class_balanced_weights
+
+REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+def check_loss_type(loss_type: str) -> int:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    return LOSS_TYPES[loss_type]
+
+
+def check_options(*, reduction: str, ignore_index: int, gamma: float, label_smoothing: float,
+                  backend: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, float16, bfloat16 (or float64), got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have shape [..., C] with the classes on the last dim, got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits has 0 classes (shape {tuple(logits.shape)}): need C >= 1")
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    num_classes = logits.shape[-1]
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            raise IndexError(
+                f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+            )
+    else:
+        # No host sync on accelerators (and none inside a compiled graph): a device-side assert.
+        torch._assert_async(~bad.any(), "cbkernels: target outside [0, C) and not ignore_index")
+
+
+def class_weights(
+    samples_per_class, weight: Optional[Tensor], beta: float, num_classes: int, device: torch.device
+) -> Tensor:
+    """The ``[C]`` float32 class weights on ``device`` from counts or a given weight (ones if neither)."""
+    if samples_per_class is not None and weight is not None:
+        raise ValueError("give samples_per_class (with beta) or a precomputed weight, not both")
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] != num_classes:
+            raise ValueError(f"weight must have shape [C] = [{num_classes}], got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {device}")
+        return weight.detach().float()
+    if samples_per_class is None:
+        check_beta(beta)
+        return torch.ones(num_classes, dtype=torch.float32, device=device)
+    w = class_balanced_weights(samples_per_class, beta=beta)
+    if w.shape[0] != num_classes:
+        raise ValueError(f"samples_per_class has {w.shape[0]} classes but logits have C = {num_classes}")
+    return w.to(device)

@@ -1,0 +1,142 @@
+"""Public class-balanced losses (SPEC sections 3-8).
+
+Data flows down once: public function -> validation and weight lookup -> ``CBLossFunction`` -> one
+backend call -> kernel.
+
+Shapes: ``logits`` ``[..., C]`` (float32 / float16 / bfloat16, or float64, any strides), ``target``
+``logits.shape[:-1]`` (int64 / int32 class indices, ``ignore_index`` marks rows that count for
+nothing). The loss is float32 (float64 for float64 logits): ``logits.shape[:-1]`` for
+``reduction="none"``, a scalar otherwise. The gradient has the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import _validation as V
+from ._autograd import CBLossFunction
+from ._backends import resolve_backend
+
+
+def class_balanced_loss(
+    logits: Tensor,
+    target: Tensor,
+    samples_per_class=None,
+    *,
+    loss_type: str = "focal",
+    beta: float = 0.999,
+    gamma: float = 0.5,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Class-balanced loss of any ``loss_type`` ("softmax", "sigmoid", "focal", "softmax_focal").
+
+    Per-sample weight ``a_i = w[target_i]`` with ``w = class_balanced_weights(samples_per_class, beta)``
+    or the given ``weight`` (``[C]``); with neither, ``w = 1`` (the plain loss). Reductions: ``"mean"``
+    divides by the number of non-ignored rows, ``"weighted_mean"`` by ``sum_i a_i``, ``"sum"``,
+    ``"none"``. ``label_smoothing`` applies to ``"softmax"`` only; ``gamma`` to the focal losses.
+    ``inplace_backward=True`` writes the gradient over the logits buffer (the logits are destroyed).
+    """
+    lt = V.check_loss_type(loss_type)
+    V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
+                    label_smoothing=label_smoothing, backend=backend)
+    if label_smoothing and lt != 0:
+        raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
+    V.check_logits_target(logits, target, ignore_index)
+    w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
+    b = resolve_backend(backend, logits.device)
+    return CBLossFunction.apply(logits, target, w, b.name, lt, float(gamma), float(label_smoothing),
+                                int(ignore_index), reduction, bool(inplace_backward))
+
+
+def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
+                             reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                             inplace_backward=False, backend="auto") -> Tensor:
+    """Class-balanced softmax cross-entropy ``a_i [(1-eps)(lse_i - z_iy) + eps/C sum_j (lse_i - z_ij)]``.
+
+    See ``class_balanced_loss`` for the arguments; SPEC sections 3-5 for the formulas.
+    """
+    return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax", beta=beta, weight=weight,
+                               reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                               inplace_backward=inplace_backward, backend=backend)
+
+
+def cb_sigmoid_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
+                             reduction="mean", ignore_index=-100, inplace_backward=False,
+                             backend="auto") -> Tensor:
+    """Class-balanced sigmoid cross-entropy ``a_i sum_j [softplus(z_ij) - t_ij z_ij]`` (one-vs-all).
+
+    See ``class_balanced_loss`` for the arguments.
+    """
+    return class_balanced_loss(logits, target, samples_per_class, loss_type="sigmoid", beta=beta, weight=weight,
+                               reduction=reduction, ignore_index=ignore_index,
+                               inplace_backward=inplace_backward, backend=backend)
+
+
+def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
+             reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto") -> Tensor:
+    """The paper's CB_focal: ``a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij]``, sigmoid focal modulator
+    ``m_ij = (1-p)^gamma`` on the target and ``p^gamma`` elsewhere, ``p = sigmoid(z_ij)``.
+
+    See ``class_balanced_loss`` for the arguments.
+    """
+    return class_balanced_loss(logits, target, samples_per_class, loss_type="focal", beta=beta, gamma=gamma,
+                               weight=weight, reduction=reduction, ignore_index=ignore_index,
+                               inplace_backward=inplace_backward, backend=backend)
+
+
+def cb_softmax_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
+                     reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto") -> Tensor:
+    """Class-balanced softmax focal loss ``a_i (1 - P_i)^gamma (lse_i - z_iy)``, ``P_i = softmax(z_i)_y``.
+
+    See ``class_balanced_loss`` for the arguments.
+    """
+    return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax_focal", beta=beta,
+                               gamma=gamma, weight=weight, reduction=reduction, ignore_index=ignore_index,
+                               inplace_backward=inplace_backward, backend=backend)
+
+
+class ClassBalancedLoss(nn.Module):
+    """Module form of ``class_balanced_loss``: the class weights are computed once (float64, stored
+    float32) and kept as a buffer ``weight`` that moves with ``.to(device)``.
+
+    Args:
+        samples_per_class: ``[C]`` counts over the whole training set.
+        loss_type, beta, gamma, reduction, ignore_index, label_smoothing, backend: as in
+            ``class_balanced_loss``.
+        normalize, zero_count: as in ``class_balanced_weights``.
+    """
+
+    def __init__(self, samples_per_class, loss_type: str = "focal", beta: float = 0.999, gamma: float = 0.5,
+                 reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                 backend: str = "auto", *, normalize: bool = True, zero_count: str = "error",
+                 inplace_backward: bool = False):
+        super().__init__()
+        from .weights import class_balanced_weights
+
+        lt = V.check_loss_type(loss_type)
+        V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
+                        label_smoothing=label_smoothing, backend=backend)
+        if label_smoothing and lt != 0:
+            raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got {loss_type!r}")
+        w = class_balanced_weights(samples_per_class, beta=beta, normalize=normalize, zero_count=zero_count)
+        self.register_buffer("weight", w)
+        self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.backend, self.inplace_backward = backend, inplace_backward
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return class_balanced_loss(logits, target, loss_type=self.loss_type, gamma=self.gamma, weight=self.weight,
+                                   reduction=self.reduction, ignore_index=self.ignore_index,
+                                   label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward,
+                                   backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "
+                f"gamma={self.gamma}, reduction={self.reduction!r}")

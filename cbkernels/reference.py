@@ -1,0 +1,97 @@
+"""The naive, readable class-balanced losses, written straight from SPEC's formulas.
+
+Autograd does the gradient. This is the test oracle (run in float64) and the "naive" baseline of the
+benchmarks (run at the working dtype, as a user would write it: several full ``[N, C]`` tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _softplus(x: Tensor) -> Tensor:
+    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def reference_loss(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    *,
+    loss_type: str = "focal",
+    gamma: float = 0.5,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Class-balanced loss (SPEC sections 2-5) in the dtype of ``logits``.
+
+    ``weight`` is the ``[C]`` class weight (ones when None); the per-sample weight is
+    ``a_i = weight[target_i]``, 0 for ignored rows.
+    """
+    c = logits.shape[-1]
+    z = logits.reshape(-1, c)
+    t = target.reshape(-1).long()
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    w = torch.ones(c, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+    a = torch.where(valid, w[t_safe], torch.zeros((), dtype=z.dtype, device=z.device))
+    onehot = F.one_hot(t_safe, c).to(z.dtype)
+
+    if loss_type == "softmax":
+        lse = torch.logsumexp(z, dim=1)
+        nll = lse - z.gather(1, t_safe[:, None])[:, 0]
+        smooth = (lse[:, None] - z).sum(1)
+        per = (1 - label_smoothing) * nll + (label_smoothing / c) * smooth
+    elif loss_type == "sigmoid":
+        per = (_softplus(z) - onehot * z).sum(1)
+    elif loss_type == "focal":
+        bce = _softplus(z) - onehot * z
+        modulator = torch.exp(-gamma * (onehot * z + _softplus(-z)))
+        per = (modulator * bce).sum(1)
+    elif loss_type == "softmax_focal":
+        nll = torch.logsumexp(z, dim=1) - z.gather(1, t_safe[:, None])[:, 0]
+        p_t = torch.exp(-nll)
+        per = (1 - p_t) ** gamma * nll
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    per = torch.where(valid, a * per, torch.zeros((), dtype=per.dtype, device=per.device))
+    if reduction == "none":
+        return per.reshape(target.shape)
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "mean":
+        return per.sum() / valid.sum().clamp(min=1)
+    if reduction == "weighted_mean":
+        total = a.sum()
+        return torch.where(total > 0, per.sum() / torch.where(total > 0, total, 1), 0 * per.sum())
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def naive_cb_loss(logits: Tensor, target: Tensor, weight: Tensor, *, loss_type: str = "focal",
+                  gamma: float = 0.5) -> Tensor:
+    """What users write today (the official code's style, mean reduction), for the benchmarks.
+
+    Softmax uses the native ``F.cross_entropy`` per sample, as a careful user would.
+    """
+    if loss_type == "softmax":
+        per = F.cross_entropy(logits, target, reduction="none")
+        return (weight[target] * per).mean()
+    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    a = weight[target].to(logits.dtype).unsqueeze(1)
+    if loss_type == "sigmoid":
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        return (a * bce).sum() / logits.shape[0]
+    if loss_type == "focal":
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        modulator = torch.exp(-gamma * onehot * logits - gamma * torch.log1p(torch.exp(-1.0 * logits)))
+        return (a * modulator * bce).sum() / logits.shape[0]
+    if loss_type == "softmax_focal":
+        logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        return (weight[target] * (1 - logp.exp()) ** gamma * -logp).mean()
+    raise ValueError(f"unknown loss_type {loss_type!r}")

@@ -1,0 +1,117 @@
+"""Class-balanced weights from the effective number of samples (SPEC section 1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+Counts = Union[Sequence[float], torch.Tensor, "numpy.ndarray"]  # noqa: F821
+
+ZERO_COUNT_MODES = ("error", "zero")
+
+
+def check_beta(beta: float) -> float:
+    """Return ``beta`` as a float, or raise ``ValueError`` unless it lies in [0, 1)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        if isinstance(beta, torch.Tensor) and beta.numel() == 1:
+            beta = beta.item()
+        else:
+            raise TypeError(f"beta must be a float in [0, 1), got {type(beta).__name__}")
+    beta = float(beta)
+    if not (0.0 <= beta < 1.0):
+        raise ValueError(f"beta must lie in [0, 1), got {beta!r}")
+    return beta
+
+
+def _counts_tensor(samples_per_class: Counts) -> torch.Tensor:
+    if isinstance(samples_per_class, torch.Tensor):
+        n = samples_per_class.detach()
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"samples_per_class must hold real counts, got dtype {n.dtype}")
+        n = n.to(device="cpu", dtype=torch.float64)
+    else:
+        try:
+            n = torch.as_tensor(samples_per_class, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"samples_per_class must be a 1-D sequence of counts: {exc}") from None
+    if n.dim() != 1:
+        raise ValueError(f"samples_per_class must be 1-D (one count per class), got shape {tuple(n.shape)}")
+    if n.numel() == 0:
+        raise ValueError("samples_per_class is empty: need at least one class")
+    if not torch.isfinite(n).all():
+        raise ValueError("samples_per_class holds a non-finite count")
+    if (n < 0).any():
+        bad = n[n < 0][0].item()
+        raise ValueError(f"samples_per_class must be >= 0, got {bad:g}")
+    return n
+
+
+def effective_number(samples_per_class: Counts, beta: float) -> torch.Tensor:
+    """Effective number of samples ``E_c = (1 - beta^n_c) / (1 - beta)`` per class.
+
+    Args:
+        samples_per_class: ``[C]`` non-negative counts (list, numpy array or tensor), counted over the
+            whole training set.
+        beta: in ``[0, 1)``.
+
+    Returns:
+        float64 ``[C]`` tensor on the CPU. ``E_c = 0`` for an empty class.
+    """
+    beta = check_beta(beta)
+    n = _counts_tensor(samples_per_class)
+    if beta == 0.0:
+        return (n > 0).to(torch.float64)
+    # log(beta) through log1p(beta - 1): beta - 1 is exact for beta >= 0.5, so beta^n keeps full
+    # precision near beta -> 1 where 1 - beta^n would otherwise cancel.
+    log_beta = math.log1p(beta - 1.0) if beta >= 0.5 else math.log(beta)
+    return -torch.expm1(n * log_beta) / (1.0 - beta)
+
+
+def class_balanced_weights(
+    samples_per_class: Counts,
+    beta: float = 0.999,
+    normalize: bool = True,
+    zero_count: str = "error",
+) -> torch.Tensor:
+    """Class-balanced weights ``w_c = (1 - beta) / (1 - beta^n_c)`` (SPEC section 1).
+
+    Args:
+        samples_per_class: ``[C]`` non-negative counts over the whole training set.
+        beta: in ``[0, 1)``; 0 gives all ones, ``beta -> 1`` approaches inverse frequency.
+        normalize: rescale so the weights of the non-empty classes sum to their number ``K``.
+        zero_count: what to do with classes of count 0: ``"error"`` (default) raises ``ValueError``;
+            ``"zero"`` gives them weight 0 and leaves them out of ``K``.
+
+    Returns:
+        float32 ``[C]`` tensor, on the device of ``samples_per_class`` when it is a tensor, else the CPU.
+        Computed in float64.
+    """
+    if zero_count not in ZERO_COUNT_MODES:
+        raise ValueError(f"zero_count must be one of {ZERO_COUNT_MODES}, got {zero_count!r}")
+    beta = check_beta(beta)
+    n = _counts_tensor(samples_per_class)
+    empty = n == 0
+    n_empty = int(empty.sum())
+    if n_empty and zero_count == "error":
+        raise ValueError(
+            f"samples_per_class has {n_empty} empty class(es) (count 0), whose class-balanced weight is "
+            "1/0; pass zero_count='zero' to give them weight 0"
+        )
+    if n_empty == n.numel():
+        raise ValueError("samples_per_class: every class is empty (all counts are 0)")
+    e = effective_number(n, beta)
+    w = torch.where(empty, torch.zeros_like(e), 1.0 / torch.where(empty, torch.ones_like(e), e))
+    if normalize:
+        k = n.numel() - n_empty
+        w = w * (k / w.sum())
+    device = samples_per_class.device if isinstance(samples_per_class, torch.Tensor) else "cpu"
+    return w.to(device=device, dtype=torch.float32)
+
+
+def beta_from_num_samples(num_samples: int) -> float:
+    """The paper's data-set-size-based choice ``beta = (N - 1) / N`` (a helper, not a default)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    return (num_samples - 1) / num_samples
