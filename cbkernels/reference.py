@@ -55,8 +55,14 @@ def reference_loss(
         per = (modulator * bce).sum(1)
     elif loss_type == "softmax_focal":
         nll = torch.logsumexp(z, dim=1) - z.gather(1, t_safe[:, None])[:, 0]
-        p_t = torch.exp(-nll)
-        per = (1 - p_t) ** gamma * nll
+        one_minus_p = -torch.expm1(-nll)
+        if gamma == 0:
+            per = nll
+        else:
+            # (1-P)^gamma has an infinite slope at P = 1 for gamma < 1, and autograd would form
+            # inf * 0 there; the loss is flat in that limit, so select 0 rather than differentiate.
+            safe = torch.where(one_minus_p > 0, one_minus_p, torch.ones_like(one_minus_p))
+            per = torch.where(one_minus_p > 0, safe**gamma, torch.zeros_like(safe)) * nll
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 

@@ -1,0 +1,93 @@
+"""Shared test helpers: inputs, the float64 oracle, and the tolerance rule of SPEC section 6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbkernels.reference import reference_loss
+
+LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
+REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
+
+
+def make_inputs(n, c, dtype=torch.float32, *, ignore_frac=0.2, seed=0, scale=3.0, device="cpu",
+                ignore_index=-100, target_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    target = torch.randint(0, c, (n,), generator=g)
+    if ignore_frac and n:
+        drop = torch.rand(n, generator=g) < ignore_frac
+        target[drop] = ignore_index
+    counts = torch.randint(1, 5000, (c,), generator=g)
+    return logits.to(device), target.to(target_dtype).to(device), counts
+
+
+def oracle(logits, target, weight, **kw):
+    """Float64 reference loss and d(loss)/d(logits) (summed with a fixed upstream for 'none')."""
+    z = logits.detach().double().requires_grad_(True)
+    loss = reference_loss(z, target, None if weight is None else weight.double(), **kw)
+    up = _upstream(loss)
+    (loss * up).sum().backward()
+    return loss.detach(), z.grad
+
+
+def eager_at_dtype(logits, target, weight, **kw):
+    """PyTorch's own eager computation at the logits' dtype (the bf16/fp16 yardstick of SPEC 6)."""
+    z = logits.detach().clone().requires_grad_(True)
+    loss = reference_loss(z, target, None if weight is None else weight.to(z.dtype), **kw)
+    up = _upstream(loss).to(loss.dtype)
+    (loss * up).sum().backward()
+    return loss.detach().double(), z.grad.double()
+
+
+def _upstream(loss):
+    if loss.dim() == 0:
+        return torch.ones((), dtype=loss.dtype)
+    # A fixed, non-uniform upstream gradient exercises the per-row scaling of 'none'.
+    n = loss.numel()
+    return (torch.arange(n, dtype=torch.float64).remainder(3) + 0.5).to(loss.dtype).reshape(loss.shape)
+
+
+def run_loss(fn, logits, target, **kw):
+    """Our loss and gradient, driven with the same upstream gradient as ``oracle``."""
+    z = logits.detach().clone().requires_grad_(True)
+    loss = fn(z, target, **kw)
+    up = _upstream(loss).to(loss.dtype)
+    (loss * up).sum().backward()
+    return loss.detach(), z.grad
+
+
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def assert_matches(loss, grad, logits, target, weight, **kw):
+    """Check ``loss``/``grad`` against the float64 oracle with the dtype's tolerance (SPEC section 6)."""
+    ref_loss, ref_grad = oracle(logits, target, weight, **kw)
+    loss, grad = loss.double(), grad.double()
+    assert loss.shape == ref_loss.shape
+    assert grad.shape == ref_grad.shape
+    lscale = ref_loss.abs().max().item() if ref_loss.numel() else 0.0
+    gscale = ref_grad.abs().max().item() if ref_grad.numel() else 0.0
+    dtype = logits.dtype
+    if dtype in (torch.float32, torch.float64):
+        rtol = 1e-5 if dtype == torch.float32 else 1e-10
+        atol_g = (1e-6 if dtype == torch.float32 else 1e-12) * max(gscale, 1e-30)
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=rtol * 0.1 * max(lscale, 1e-30))
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=atol_g)
+        return
+    # bf16 / fp16: per element, no worse than 2x PyTorch's eager error at the same dtype, plus one
+    # rounding of the output (eps * |ref|) and a float32-level floor.
+    eager_loss, eager_grad = eager_at_dtype(logits, target, weight, **kw)
+    eps = EPS[dtype]
+    for name, ours, ref, eager, scale in (("loss", loss, ref_loss, eager_loss, lscale),
+                                          ("grad", grad, ref_grad, eager_grad, gscale)):
+        err = (ours - ref).abs()
+        bound = 2 * (eager - ref).abs() + eps * ref.abs() + 1e-5 * scale
+        worst = (err - bound).max().item() if err.numel() else -1.0
+        assert worst <= 0, f"{name}: error exceeds 2x eager {dtype} error by {worst:.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
