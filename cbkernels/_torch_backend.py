@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
@@ -38,20 +39,19 @@ def _chunk(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Loss ``[R]`` and (optionally) ``scale * dl/dz`` ``[R, C]`` for one chunk, in z's dtype.
 
-    ``z`` may alias the caller's logits: it is never written.
+    Few fused ATen ops over the chunk, each vectorised; ``z`` may alias the caller's logits and is
+    never written.
     """
-    rows, num_classes = z.shape
+    num_classes = z.shape[1]
     ty = t.unsqueeze(1)
     zy = z.gather(1, ty).squeeze(1)
     grad = None
     if loss_type in (SOFTMAX, SOFTMAX_FOCAL):
-        m = z.amax(1, keepdim=True)
-        p = (z - m).exp_()
-        s = p.sum(1, keepdim=True)
-        lse = (m + s.log()).squeeze(1)
-        nll = lse - zy
+        # log_softmax then exp: p stays accurate and nll = -log p_y never sees log(0).
+        logp = torch.log_softmax(z, dim=1)
+        nll = -logp.gather(1, ty).squeeze(1)
         if loss_type == SOFTMAX:
-            loss = nll if eps == 0.0 else (1.0 - eps) * nll + eps * (lse - z.mean(1))
+            loss = nll if eps == 0.0 else (1.0 - eps) * nll - (eps / num_classes) * logp.sum(1)
             coef = a
         else:
             one_minus_p = -torch.expm1(-nll)
@@ -64,42 +64,40 @@ def _chunk(
                 r = torch.where(one_minus_p > 0, nll / one_minus_p, torch.ones_like(nll))
                 coef = a * mod * (1.0 + gamma * torch.exp(-nll) * r)
         if want_grad:
-            p.div_(s)
+            p = logp.exp_()
             p.scatter_add_(1, ty, torch.full_like(zy, -(1.0 - eps)).unsqueeze(1))
             if eps != 0.0:
                 p.sub_(eps / num_classes)
             grad = p.mul_((coef * scale).unsqueeze(1))
+    elif loss_type == SIGMOID:
+        # softplus(z) = log1p(exp(z)) in ATen, or z past its threshold: accurate for every finite z.
+        loss = F.softplus(z).sum(1) - zy
+        if want_grad:
+            grad = torch.sigmoid(z)
+            grad.scatter_add_(1, ty, torch.full_like(zy, -1.0).unsqueeze(1))
+            grad.mul_((a * scale).unsqueeze(1))
     else:
-        # One exp(-|z|) per element gives sigmoid(z), sigmoid(-z) and softplus together.
-        e = z.abs().neg_().exp_()
-        log1p_e = torch.log1p(e)
-        inv = (1.0 + e).reciprocal_()
-        sig_pos = inv  # sigmoid(|z|)
-        sig_neg = e * inv  # sigmoid(-|z|)
-        nonneg = z >= 0
-        if loss_type == SIGMOID:
-            loss = (z.clamp(min=0) + log1p_e).sum(1) - zy
-            if want_grad:
-                grad = torch.where(nonneg, sig_pos, sig_neg)
-                grad.scatter_add_(1, ty, torch.full_like(zy, -1.0).unsqueeze(1))
-                grad.mul_((a * scale).unsqueeze(1))
-        else:
-            # v = s z with s = +1 on the target, -1 elsewhere; u = softplus(-v); q = sigmoid(v).
-            is_t = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ty, True)
-            v_nonneg = nonneg == is_t
-            v = torch.where(is_t, z, -z)
-            u = (-v).clamp_(min=0).add_(log1p_e)
-            one_minus_q = torch.where(v_nonneg, sig_neg, sig_pos)
-            mod = _pow_gamma(one_minus_q, gamma)
-            loss = (u if mod is None else mod * u).sum(1)
-            if want_grad:
-                if gamma == 0.0:
-                    g = one_minus_q.clone()
-                else:
-                    q = torch.where(v_nonneg, sig_pos, sig_neg)
-                    g = q.mul_(u).mul_(gamma).add_(one_minus_q).mul_(mod)
-                g = torch.where(is_t, -g, g)
-                grad = g.mul_((a * scale).unsqueeze(1))
+        # Every element as a non-target (t = 0: v = -z, u = softplus(z), q = sigmoid(-z)), then the
+        # one target column per row is overwritten with its own value: no one-hot, no sign flips.
+        p = torch.sigmoid(z)
+        u = F.softplus(z)
+        mod = _pow_gamma(p, gamma)
+        elem = u if mod is None else mod * u
+        tu = F.softplus(-zy)  # target: u = softplus(-z_y), 1 - q = sigmoid(-z_y), q = sigmoid(z_y)
+        tq = torch.sigmoid(zy)
+        t1q = torch.sigmoid(-zy)
+        tmod = _pow_gamma(t1q, gamma)
+        tloss = tu if tmod is None else tmod * tu
+        loss = elem.scatter(1, ty, tloss.unsqueeze(1)).sum(1)
+        if want_grad:
+            q = torch.sigmoid(-z)  # 1 - p without the cancellation of 1 - sigmoid(z)
+            g = q.mul_(u).mul_(gamma).add_(p) if gamma != 0.0 else p
+            if mod is not None:
+                g = g.mul_(mod)
+            tg = gamma * tq * tu + t1q
+            tg = -(tg if tmod is None else tmod * tg)
+            g = g.scatter_(1, ty, tg.unsqueeze(1))
+            grad = g.mul_((a * scale).unsqueeze(1))
     loss = torch.where(valid, loss * a, torch.zeros_like(loss))
     if grad is not None:
         grad.masked_fill_(~valid.unsqueeze(1), 0.0)
