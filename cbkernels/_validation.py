@@ -91,7 +91,23 @@ def class_weights(
     if samples_per_class is None:
         check_beta(beta)
         return torch.ones(num_classes, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        return _traceable_weights(samples_per_class, check_beta(beta), num_classes, device)
     w = class_balanced_weights(samples_per_class, beta=beta)
     if w.shape[0] != num_classes:
         raise ValueError(f"samples_per_class has {w.shape[0]} classes but logits have C = {num_classes}")
     return w.to(device)
+
+
+def _traceable_weights(samples_per_class, beta: float, num_classes: int, device: torch.device) -> Tensor:
+    """``class_balanced_weights(..., zero_count="error")`` with no data-dependent Python branch, so a
+    compiled graph keeps the functional API with counts whole; empty classes fail a device assert."""
+    n = torch.as_tensor(samples_per_class, dtype=torch.float64, device=device)
+    if n.shape != (num_classes,):
+        raise ValueError(f"samples_per_class must have shape [C] = [{num_classes}], got {tuple(n.shape)}")
+    torch._assert_async((n > 0).all(), "cbkernels: samples_per_class has an empty class (count 0)")
+    if beta == 0.0:
+        return torch.ones(num_classes, dtype=torch.float32, device=device)
+    log_beta = math.log1p(beta - 1.0) if beta >= 0.5 else math.log(beta)
+    w = (1.0 - beta) / -torch.expm1(n * log_beta)
+    return (w * (num_classes / w.sum())).float()

@@ -169,6 +169,20 @@ def test_torch_compile_fullgraph_torch_backend(loss_type, reduction):
     torch.testing.assert_close(comp_grad, eager_grad)
 
 
+def test_torch_compile_fullgraph_with_counts():
+    logits, target, counts = make_inputs(24, 13)
+    counts_list = counts.tolist()
+
+    def f(z, t):
+        return cb.cb_focal(z, t, counts_list, beta=0.999, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grad = run_loss(f, logits, target)
+    comp_loss, comp_grad = run_loss(compiled, logits, target)
+    torch.testing.assert_close(comp_loss, eager_loss)
+    torch.testing.assert_close(comp_grad, eager_grad)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(0, 40),
