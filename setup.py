@@ -3,12 +3,31 @@
 The C++ CPU kernels are always built (any machine with a C++ compiler). The CUDA sources are added
 when torch is a CUDA build and a CUDA toolkit is found (never decided by torch.cuda.is_available(),
 which is False on GPU-less build hosts); CBKERNELS_FORCE_CUDA=1 / CBKERNELS_SKIP_CUDA=1 override.
+
+The CPU row kernels (csrc/cpu/isa/*.cpp) are compiled once per instruction set, as ATen compiles its
+own kernels: a baseline copy, and on x86-64 AVX2 and AVX512 copies; the binding picks one at run time
+from ATen's CPU capability. No flag ever targets the build machine (no -march=native).
 """
 
 import glob
 import os
+import platform
 
 from setuptools import setup
+
+# ATen's per-capability flags (cmake/Codegen.cmake), so our kernels use the same instructions as its own.
+ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+}
+
+
+def _isas():
+    if os.environ.get("CBKERNELS_CPU_ISAS"):  # e.g. "DEFAULT" for a quick build
+        return os.environ["CBKERNELS_CPU_ISAS"].split(",")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ["DEFAULT", "AVX2", "AVX512"] if x86 else ["DEFAULT"]
 
 
 def _extensions():
@@ -18,9 +37,33 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+    class BuildWithISAs(BuildExtension):
+        """Compiles every csrc/cpu/isa source once per instruction set and links those objects after the
+        baseline ones, so inline functions shared with the baseline code resolve to baseline copies."""
+
+        def build_extension(self, ext):
+            isa_sources = sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = []
+            for isa in _isas():
+                macros = [("CPU_CAPABILITY", isa)] + ([] if isa == "DEFAULT" else [(f"CPU_CAPABILITY_{isa}", None)])
+                objects += self.compiler.compile(
+                    isa_sources,
+                    output_dir=os.path.join(self.build_temp, isa.lower()),
+                    macros=ext.define_macros + macros,
+                    include_dirs=ext.include_dirs,
+                    # GCC 12's own AVX-512 intrinsics headers trip -Wuninitialized (false positives).
+                    extra_postargs={"cxx": cxx + ISA_FLAGS[isa] + ["-Wno-uninitialized"], "nvcc": []},
+                    depends=ext.depends,
+                )
+            ext.extra_objects = objects + list(ext.extra_objects or [])
+            super().build_extension(ext)
+
     # Never -march=native: the wheel must run on any x86-64 / aarch64 machine.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
+    isa_macros = [(f"CBKERNELS_CPU_{isa}", "1") for isa in _isas() if isa != "DEFAULT"]
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/isa/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     force = os.environ.get("CBKERNELS_FORCE_CUDA") == "1"
     skip = os.environ.get("CBKERNELS_SKIP_CUDA") == "1"
@@ -31,19 +74,22 @@ def _extensions():
             "cbkernels._C",
             cpu_sources + cuda_sources,
             include_dirs=[os.path.abspath("csrc")],
-            define_macros=[("CBKERNELS_WITH_CUDA", "1")],
+            define_macros=[("CBKERNELS_WITH_CUDA", "1")] + isa_macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
             extra_link_args=link,
+            depends=depends,
         )
     else:
         ext = CppExtension(
             "cbkernels._C",
             cpu_sources,
             include_dirs=[os.path.abspath("csrc")],
+            define_macros=isa_macros,
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
+            depends=depends,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildWithISAs.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -76,6 +76,7 @@ def class_weights(
     samples_per_class, weight: Optional[Tensor], beta: float, num_classes: int, device: torch.device
 ) -> Tensor:
     """The ``[C]`` float32 class weights on ``device`` from counts or a given weight (ones if neither)."""
+    beta = check_beta(beta)  # checked even when a weight is given: a bad beta is a bug either way
     if samples_per_class is not None and weight is not None:
         raise ValueError("give samples_per_class (with beta) or a precomputed weight, not both")
     if weight is not None:
@@ -89,10 +90,9 @@ def class_weights(
             raise ValueError(f"weight is on {weight.device} but logits are on {device}")
         return weight.detach().float()
     if samples_per_class is None:
-        check_beta(beta)
         return torch.ones(num_classes, dtype=torch.float32, device=device)
     if torch.compiler.is_compiling():
-        return _traceable_weights(samples_per_class, check_beta(beta), num_classes, device)
+        return _traceable_weights(samples_per_class, beta, num_classes, device)
     w = class_balanced_weights(samples_per_class, beta=beta)
     if w.shape[0] != num_classes:
         raise ValueError(f"samples_per_class has {w.shape[0]} classes but logits have C = {num_classes}")
