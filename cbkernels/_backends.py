@@ -59,6 +59,11 @@ def _compiled_ext_has(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::cb_loss_fwd", dispatch_key)
 
 
+# Run once while tracing under torch.compile, as torch.compiler.assume_constant_result would mark it (importing
+# is not traceable). Set by hand because that decorator imports torch._dynamo, and with it Triton, at import time.
+_compiled_ext_has._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -1,5 +1,6 @@
 """Public API: validation at the edge, dispatch, the module, imports, autocast, compile, properties."""
 
+import os
 import subprocess
 import sys
 
@@ -208,3 +209,11 @@ def test_property_matches_reference(n, c, loss_type, reduction, gamma, beta, sca
 
     loss, grad = run_loss(f, logits, target, reduction=reduction)
     assert_matches(loss, grad, logits, target, w, loss_type=loss_type, gamma=gamma, reduction=reduction)
+
+
+def test_cpu_extension_is_built():
+    """`make setup` builds cbkernels._C on every machine with a C++ compiler: its absence is a failure here, not
+    a silent skip of every compiled-backend test (set CBKERNELS_SKIP_EXTENSION=1 for a pure-Python install)."""
+    if os.environ.get("CBKERNELS_SKIP_EXTENSION") == "1":
+        pytest.skip("pure-Python install requested (CBKERNELS_SKIP_EXTENSION=1)")
+    assert "cpu" in cb.available_backends()

@@ -1,0 +1,173 @@
+// Per-element math of the class-balanced losses (SPEC sections 3-4), shared by every C++ backend.
+//
+// Torch-free on purpose: the CPU kernels instantiate these templates on SIMD vectors
+// (at::vec::Vectorized), the CUDA kernels on plain float/double, and nvcc compiles this header
+// without any torch include. A "math policy" M supplies the value type M::V and the handful of
+// transcendentals and selects; ScalarMath<T> below is the policy for float and double. The
+// transcendentals are only ever asked for exp(x <= 0) and log1p(x in [0, 1]), so a policy may use
+// approximations valid on those ranges alone (the CPU SIMD one does).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+
+// Forced inline on the host too: the SIMD instantiations return several vectors per call, which
+// only stay in registers once the call is gone.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CB_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define CB_HOST_DEVICE inline __attribute__((always_inline))
+#else
+#define CB_HOST_DEVICE inline
+#endif
+
+namespace cbkernels {
+
+enum LossType : int { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
+
+// The focal exponents whose modulator needs no transcendental beyond the shared exp(-|v|).
+enum class GammaKind : int { kZero, kHalf, kOne, kTwo, kGeneral };
+
+CB_HOST_DEVICE GammaKind gamma_kind(double gamma) {
+  return gamma == 0.0   ? GammaKind::kZero
+         : gamma == 0.5 ? GammaKind::kHalf
+         : gamma == 1.0 ? GammaKind::kOne
+         : gamma == 2.0 ? GammaKind::kTwo
+                        : GammaKind::kGeneral;
+}
+
+// Explicit float/double overloads so the same call resolves on host and device without std::.
+CB_HOST_DEVICE float cb_exp(float x) { return expf(x); }
+CB_HOST_DEVICE double cb_exp(double x) { return exp(x); }
+CB_HOST_DEVICE float cb_expm1(float x) { return expm1f(x); }
+CB_HOST_DEVICE double cb_expm1(double x) { return expm1(x); }
+CB_HOST_DEVICE float cb_log(float x) { return logf(x); }
+CB_HOST_DEVICE double cb_log(double x) { return log(x); }
+CB_HOST_DEVICE float cb_log1p(float x) { return log1pf(x); }
+CB_HOST_DEVICE double cb_log1p(double x) { return log1p(x); }
+CB_HOST_DEVICE float cb_sqrt(float x) { return sqrtf(x); }
+CB_HOST_DEVICE double cb_sqrt(double x) { return sqrt(x); }
+CB_HOST_DEVICE float cb_pow(float x, float y) { return powf(x, y); }
+CB_HOST_DEVICE double cb_pow(double x, double y) { return pow(x, y); }
+CB_HOST_DEVICE float cb_fabs(float x) { return fabsf(x); }
+CB_HOST_DEVICE double cb_fabs(double x) { return fabs(x); }
+
+template <typename T> struct Limits;
+template <> struct Limits<float> {
+  static CB_HOST_DEVICE float min_normal() { return FLT_MIN; }
+  static CB_HOST_DEVICE float max_finite() { return FLT_MAX; }
+};
+template <> struct Limits<double> {
+  static CB_HOST_DEVICE double min_normal() { return DBL_MIN; }
+  static CB_HOST_DEVICE double max_finite() { return DBL_MAX; }
+};
+
+template <typename T>
+struct ScalarMath {
+  using V = T;
+  static CB_HOST_DEVICE T exp_nonpos(T x) { return cb_exp(x); }
+  static CB_HOST_DEVICE T log1p_unit(T x) { return cb_log1p(x); }
+  static CB_HOST_DEVICE T sqrt(T x) { return cb_sqrt(x); }
+  static CB_HOST_DEVICE T abs(T x) { return cb_fabs(x); }
+  static CB_HOST_DEVICE T recip(T x) { return T(1) / x; }
+  static CB_HOST_DEVICE T relu(T x) { return x > T(0) ? x : T(0); }
+  static CB_HOST_DEVICE T select_nonneg(T v, T if_nonneg, T if_neg) { return v >= T(0) ? if_nonneg : if_neg; }
+};
+
+// Everything a sigmoid-type term needs, from one exp(-|v|). v = s z with s = +1 on the target
+// class and -1 elsewhere, so q = sigmoid(v) is the probability of the right answer.
+template <class M>
+struct SigmoidTerms {
+  typename M::V q;    // sigmoid(v)
+  typename M::V omq;  // 1 - q = sigmoid(-v), taken from the same exp instead of a difference that cancels
+  typename M::V u;    // softplus(-v) = -log q, the binary cross-entropy term
+  typename M::V lp;   // log1p(exp(-|v|)), the shared part of softplus(v) and softplus(-v)
+};
+
+template <class M>
+CB_HOST_DEVICE SigmoidTerms<M> sigmoid_terms(typename M::V v) {
+  using V = typename M::V;
+  const V e = M::exp_nonpos(V(0) - M::abs(v));  // in (0, 1]: never overflows
+  const V d = M::recip(V(1) + e);        // sigmoid(|v|)
+  const V ed = e * d;                    // sigmoid(-|v|)
+  SigmoidTerms<M> t;
+  t.lp = M::log1p_unit(e);
+  t.q = M::select_nonneg(v, d, ed);
+  t.omq = M::select_nonneg(v, ed, d);
+  t.u = M::relu(V(0) - v) + t.lp;
+  return t;
+}
+
+// (1 - q)^gamma. The general case uses log(1 - q) = -softplus(v) = -(max(v, 0) + lp), which stays
+// exact where 1 - q underflows, instead of pow(1 - q, gamma).
+template <GammaKind G, class M>
+CB_HOST_DEVICE typename M::V focal_modulator(const SigmoidTerms<M>& t, typename M::V v, typename M::V gamma) {
+  using V = typename M::V;
+  if constexpr (G == GammaKind::kZero) {
+    return V(1);
+  } else if constexpr (G == GammaKind::kHalf) {
+    return M::sqrt(t.omq);
+  } else if constexpr (G == GammaKind::kOne) {
+    return t.omq;
+  } else if constexpr (G == GammaKind::kTwo) {
+    return t.omq * t.omq;
+  } else {
+    return M::exp_nonpos(V(0) - gamma * (M::relu(v) + t.lp));
+  }
+}
+
+// One sigmoid-focal class term (gamma = 0 is plain sigmoid cross-entropy):
+//   loss  = (1-q)^gamma u
+//   dloss = (1-q)^gamma [gamma q u + (1-q)]  so that  d loss / d z = -s dloss  (SPEC section 4).
+// The bracket form has no (1-q)^(gamma-1) factor, so it stays finite for gamma < 1.
+template <GammaKind G, class M>
+CB_HOST_DEVICE void focal_term(typename M::V v, typename M::V gamma, typename M::V& loss, typename M::V& dloss) {
+  const SigmoidTerms<M> t = sigmoid_terms<M>(v);
+  if constexpr (G == GammaKind::kZero) {
+    loss = t.u;
+    dloss = t.omq;
+  } else {
+    const typename M::V mod = focal_modulator<G, M>(t, v, gamma);
+    loss = mod * t.u;
+    dloss = mod * (gamma * t.q * t.u + t.omq);
+  }
+}
+
+// Row cross-entropy L = lse - z_y from the softmax row sums: m = max_j z_j, e_y = exp(z_y - m),
+// s_other = sum_{j != y} exp(z_j - m). log1p(s_other / e_y) keeps full relative precision when the
+// target dominates (L -> 0), where m + log(sum) - z_y would cancel to 0; once e_y is no longer a
+// normal number the direct form is the accurate one (L is then large).
+template <typename T>
+CB_HOST_DEVICE T softmax_nll(T m, T zy, T ey, T s_other) {
+  const T ratio = s_other / ey;
+  if (ey >= Limits<T>::min_normal() && ratio <= Limits<T>::max_finite()) return cb_log1p(ratio);
+  return (m - zy) + cb_log(ey + s_other);
+}
+
+template <typename T>
+CB_HOST_DEVICE T pow_gamma(T x, T gamma, GammaKind g) {
+  switch (g) {
+    case GammaKind::kZero: return T(1);
+    case GammaKind::kHalf: return cb_sqrt(x);
+    case GammaKind::kOne: return x;
+    case GammaKind::kTwo: return x * x;
+    default: return cb_pow(x, gamma);
+  }
+}
+
+// Softmax focal, per row: the loss is mod * L and d l / d z_j = coef * (p_j - t_j) with
+//   mod = (1-P)^gamma,  coef = (1-P)^gamma (1 + gamma P r),  1-P = -expm1(-L),  r = L / (1-P),
+// r -> 1 as 1-P underflows (L -> 0). Finite for every gamma >= 0 (SPEC section 4).
+template <typename T>
+CB_HOST_DEVICE void softmax_focal_row(T L, T gamma, GammaKind g, T& mod, T& coef) {
+  const T omp = -cb_expm1(-L);
+  mod = pow_gamma(omp, gamma, g);
+  if (g == GammaKind::kZero) {
+    coef = T(1);
+    return;
+  }
+  const T r = omp > T(0) ? L / omp : T(1);
+  coef = mod * (T(1) + gamma * cb_exp(-L) * r);
+}
+
+}  // namespace cbkernels

@@ -1,0 +1,330 @@
+// Row kernels of the fused class-balanced losses on CPU (SPEC sections 3-4).
+//
+// setup.py compiles this file once per instruction set (DEFAULT, and on x86-64 AVX2 and AVX512,
+// with ATen's flags and CPU_CAPABILITY macros), like ATen's own kernels; the binding picks one at
+// run time. Everything here has internal linkage except cb_loss_rows in its per-ISA namespace, and
+// no static initialisers: code in this file may only run on a CPU that has its instructions.
+//
+// One row is computed by one thread in a fixed order, so the bits do not depend on the thread count.
+// The target class is handled apart from the SIMD loops (scalar math from cb_math.h), which keeps
+// the vector path free of per-lane class tests and gives the target term without cancellation.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cb_math.h"
+#include "cpu/cb_loss_cpu_kernel.h"
+
+#ifndef CPU_CAPABILITY
+#error "setup.py defines CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) for this file"
+#endif
+
+// Everything a row function calls is inlined into it: an out-of-line call inside a SIMD loop spills
+// every vector register (all are caller-saved).
+#if defined(__GNUC__)
+#define CB_FLATTEN __attribute__((flatten))
+#else
+#define CB_FLATTEN
+#endif
+
+namespace cbkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// float32 math for float16/bfloat16 logits; double only for double.
+template <typename scalar_t> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename scalar_t> using acc_t = typename AccType<scalar_t>::type;
+
+// Lane select x < bound ? if_lt : otherwise (false for NaN). ATen's Vectorized comparisons return an
+// all-ones vector that blendv turns back into a mask register; on AVX-512 that round trip
+// (vpmovm2d + vpcmpeqd) made whole loops several times slower, so there the mask register is used.
+template <typename T>
+CB_HOST_DEVICE Vectorized<T> select_lt(const Vectorized<T>& x, const Vectorized<T>& bound, const Vectorized<T>& if_lt,
+                                       const Vectorized<T>& otherwise) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, bound, _CMP_LT_OQ), otherwise, if_lt);
+  } else {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(x, bound, _CMP_LT_OQ), otherwise, if_lt);
+  }
+#else
+  return Vectorized<T>::blendv(otherwise, if_lt, x < bound);
+#endif
+}
+
+// Float SIMD approximations on the only ranges the losses need, inlined (no call into Sleef, which
+// also forces every live vector register to be spilled). Double keeps ATen's Sleef functions.
+
+// exp(x) for x <= 0 (or NaN): 2^n exp(r) with n = round(x / ln2), r = x - n ln2 (ln2 split in two so
+// that n ln2 is exact), exp(r) by a degree-6 fit (1.5 ulp). Results below 2^-126 flush to 0.
+CB_HOST_DEVICE Vectorized<float> exp_nonpos(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using Vi = Vectorized<int32_t>;
+  static constexpr float c[] = {1.0f, 1.0f, 0.49999991059303284f, 0.1666642129421234f, 0.0416683591902256f,
+                                0.008374771103262901f, 0.0013829420786350965f};
+  const V lo(-87.3f);  // keeps 2^n a normal number; a NaN x stays NaN (the compare is false)
+  const V xc = select_lt(x, lo, lo, x);
+  const V n = (xc * V(1.4426950408889634f)).round();
+  V r = at::vec::fmadd(n, V(-0.693145751953125f), xc);
+  r = at::vec::fmadd(n, V(-1.428606765330187e-6f), r);
+  V p(c[6]);
+  for (int k = 5; k >= 0; --k) p = at::vec::fmadd(p, r, V(c[k]));
+  const Vi two_n = (at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23);
+  return select_lt(x, lo, V(0), p * at::vec::cast<float>(two_n));
+}
+CB_HOST_DEVICE Vectorized<double> exp_nonpos(const Vectorized<double>& x) { return x.exp(); }
+
+// log1p(x) = x P(x) for x in [0, 1] (or NaN), P a degree-9 fit in relative error: 2.3 ulp.
+CB_HOST_DEVICE Vectorized<float> log1p_unit(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  static constexpr float c[] = {1.0f, -0.49999889731407166f, 0.33329665660858154f, -0.24951167404651642f,
+                                0.19661018252372742f, -0.15263274312019348f, 0.10532950609922409f,
+                                -0.05626952648162842f, 0.019487686455249786f, -0.0031639994122087955f};
+  V p(c[9]);
+  for (int k = 8; k >= 0; --k) p = at::vec::fmadd(p, x, V(c[k]));
+  return p * x;
+}
+CB_HOST_DEVICE Vectorized<double> log1p_unit(const Vectorized<double>& x) { return x.log1p(); }
+
+template <typename T>
+struct VecMath {
+  using V = Vectorized<T>;
+  static CB_HOST_DEVICE V exp_nonpos(const V& x) { return cbkernels::cpu::CPU_CAPABILITY::exp_nonpos(x); }
+  static CB_HOST_DEVICE V log1p_unit(const V& x) { return cbkernels::cpu::CPU_CAPABILITY::log1p_unit(x); }
+  static CB_HOST_DEVICE V sqrt(const V& x) { return x.sqrt(); }
+  static CB_HOST_DEVICE V abs(const V& x) { return x.abs(); }
+  static CB_HOST_DEVICE V recip(const V& x) { return x.reciprocal(); }
+  static CB_HOST_DEVICE V relu(const V& x) { return at::vec::clamp_min(x, V(0)); }
+  static CB_HOST_DEVICE V select_nonneg(const V& v, const V& if_nonneg, const V& if_neg) {
+    return select_lt(v, V(0), if_neg, if_nonneg);
+  }
+};
+
+// n <= W elements from p, widened to the compute type; lanes past n hold zeros.
+template <typename scalar_t>
+CB_HOST_DEVICE Vectorized<acc_t<scalar_t>> load(const scalar_t* p, int64_t n) {
+  using Vec = Vectorized<acc_t<scalar_t>>;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    Vec out;
+    if (n == Vec::size()) {
+      at::vec::load_to_float(p, out);
+    } else {
+      scalar_t tmp[Vec::size()] = {};
+      std::memcpy(tmp, p, n * sizeof(scalar_t));
+      at::vec::load_to_float(tmp, out);
+    }
+    return out;
+  }
+}
+
+// Writes the first n lanes, rounding once to the storage type.
+template <typename scalar_t>
+CB_HOST_DEVICE void store(scalar_t* p, const Vectorized<acc_t<scalar_t>>& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+}
+
+// Padded tail lanes must not reach a sum.
+template <typename T>
+CB_HOST_DEVICE Vectorized<T> head(const Vectorized<T>& v, int64_t n) {
+  return n == Vectorized<T>::size() ? v : Vectorized<T>::set(Vectorized<T>(0), v, n);
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int64_t k = 0; k < Vectorized<T>::size(); ++k) s += lanes[k];
+  return s;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int64_t k = 1; k < Vectorized<T>::size(); ++k) m = std::isnan(lanes[k]) ? lanes[k] : std::max(m, lanes[k]);
+  return m;  // NaN once any lane is NaN: std::max keeps a NaN first argument
+}
+
+// Calls body(j, n) over the C elements of a row in SIMD-width pieces from the row's start, the last
+// piece possibly short. The pieces do not depend on the row's address, so neither does the order of
+// any sum: a row gives the same bits wherever it lies in memory (in place or not, any storage offset).
+template <typename T, typename scalar_t, typename F>
+CB_HOST_DEVICE void for_row_chunks(const scalar_t* /*row*/, int64_t C, const F& body) {
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + W <= C; j += W) body(j, W);
+  if (j < C) body(j, C - j);
+}
+
+// Drops the target's lane from a piece's contribution (its term is computed apart, in scalar code).
+template <typename T>
+CB_HOST_DEVICE Vectorized<T> drop_target(const Vectorized<T>& v, int64_t j, int64_t n, int64_t y) {
+  if (y < j || y >= j + n) return v;
+  return Vectorized<T>::blendv(v, Vectorized<T>(0), Vectorized<T>::arange(0, 1) == Vectorized<T>(T(y - j)));
+}
+
+inline int64_t target_at(const CBLossParams& p, int64_t i) {
+  return p.target_is_int32 ? static_cast<const int32_t*>(p.target)[i] : static_cast<const int64_t*>(p.target)[i];
+}
+
+// Resolves the row's target; false (and the row zeroed) when it is ignored or out of range.
+template <typename scalar_t>
+inline bool row_target(const CBLossParams& p, int64_t i, scalar_t* g, int64_t& y, int64_t& bad) {
+  y = target_at(p, i);
+  if (y != p.ignore_index && y >= 0 && y < p.num_classes) return true;
+  if (y != p.ignore_index && bad < 0) bad = i;
+  static_cast<acc_t<scalar_t>*>(p.loss)[i] = 0;
+  if (g != nullptr) std::fill(g, g + p.num_classes, scalar_t(0));
+  return false;
+}
+
+// Sigmoid cross-entropy (G = kZero) and sigmoid focal: a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij].
+template <typename scalar_t, GammaKind G>
+CB_FLATTEN int64_t sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+  using T = acc_t<scalar_t>;
+  using Vec = Vectorized<T>;
+  const int64_t C = p.num_classes;
+  const T gamma = static_cast<T>(p.gamma);
+  const Vec vgamma(gamma);
+  int64_t bad = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
+    scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
+    int64_t y;
+    if (!row_target(p, i, g, y, bad)) continue;
+    const T zy = static_cast<T>(z[y]);  // read first: in place, the pieces below overwrite it
+    const T a = p.weight[y];
+    const T k = a * static_cast<T>(p.scale);
+    const Vec vk(k);
+    Vec acc(0);
+    // Every class as a non-target (v = -z, d l / d z = +dloss); the target's lane is then dropped
+    // from the sum and its gradient rewritten below.
+    for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
+      Vec l, dl;
+      focal_term<G, VecMath<T>>(Vec(0) - load(z + j, n), vgamma, l, dl);
+      acc = acc + drop_target(head(l, n), j, n, y);
+      if (g != nullptr) store(g + j, dl * vk, n);
+    });
+    T ly, dly;
+    focal_term<G, ScalarMath<T>>(zy, gamma, ly, dly);
+    if (g != nullptr) g[y] = static_cast<scalar_t>(-dly * k);
+    static_cast<T*>(p.loss)[i] = a * (hsum(acc) + ly);
+  }
+  return bad;
+}
+
+// Softmax cross-entropy (with label smoothing) and softmax focal. Three passes over the row: max,
+// exp (the only transcendental per element, kept for the gradient pass), gradient.
+template <typename scalar_t>
+CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+  using T = acc_t<scalar_t>;
+  using Vec = Vectorized<T>;
+  const int64_t C = p.num_classes;
+  const bool focal = p.loss_type == kSoftmaxFocal;
+  const T eps = focal ? T(0) : static_cast<T>(p.label_smoothing);
+  const T gamma = static_cast<T>(p.gamma);
+  const GammaKind gk = gamma_kind(p.gamma);
+  const Vec neg_inf(-std::numeric_limits<T>::infinity());
+  // The exps live in the gradient row when it has the compute type (no extra memory, and in place
+  // they simply replace the logits already read), else in one float buffer per call, i.e. per thread.
+  constexpr bool kExpsInGrad = std::is_same_v<scalar_t, T>;
+  std::vector<T> buffer(p.grad != nullptr && !kExpsInGrad ? C : 0);
+  int64_t bad = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
+    scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
+    int64_t y;
+    if (!row_target(p, i, g, y, bad)) continue;
+
+    Vec vmax = neg_inf;
+    for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
+      const Vec x = load(z + j, n);
+      // A NaN may or may not survive this max; either way it reaches the row's sum through its exp.
+      vmax = at::vec::clamp_min(n == Vec::size() ? x : Vec::set(neg_inf, x, n), vmax);
+    });
+    const T m = hmax(vmax);
+    const T zy = static_cast<T>(z[y]);
+
+    T* e = nullptr;
+    if constexpr (kExpsInGrad) {
+      e = g;
+    } else {
+      e = g != nullptr ? buffer.data() : nullptr;
+    }
+    const Vec vm(m);
+    Vec s_other(0), dist(0);  // sum_{j != y} exp(z_j - m); sum_j (m - z_j) for label smoothing
+    for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
+      const Vec x = load(z + j, n);
+      const Vec ex = exp_nonpos(x - vm);
+      if (e != nullptr) store(e + j, ex, n);
+      s_other = s_other + drop_target(head(ex, n), j, n, y);
+      if (eps != T(0)) dist = dist + head(vm - x, n);
+    });
+    const T ey = cb_exp(zy - m);
+    if (e != nullptr) e[y] = ey;
+    const T so = hsum(s_other);
+    const T sum = so + ey;
+
+    const T nll = softmax_nll(m, zy, ey, so);
+    T row_loss = nll, coef = 1;
+    if (focal) {
+      T mod;
+      softmax_focal_row(nll, gamma, gk, mod, coef);
+      row_loss = mod * nll;
+    } else if (eps != T(0)) {
+      // (eps/C) sum_j (lse - z_j) = eps (log(sum) + mean_j (m - z_j)): every term >= 0, no cancellation.
+      row_loss = (1 - eps) * nll + eps * (cb_log(sum) + hsum(dist) / static_cast<T>(C));
+    }
+    const T a = p.weight[y];
+    static_cast<T*>(p.loss)[i] = a * row_loss;
+    if (g == nullptr) continue;
+
+    const T k = a * static_cast<T>(p.scale) * coef;
+    const Vec k1(k / sum), k0(k * eps / static_cast<T>(C));
+    for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) { store(g + j, load(e + j, n) * k1 - k0, n); });
+    // p_y - q_y = -(1 - p_y) + eps (1 - 1/C), with 1 - p_y = s_other / sum formed without cancellation.
+    g[y] = static_cast<scalar_t>(k * (eps * (1 - T(1) / static_cast<T>(C)) - so / sum));
+  }
+  return bad;
+}
+
+template <typename scalar_t>
+int64_t rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
+  if (p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal) return softmax_rows<scalar_t>(p, begin, end);
+  switch (p.loss_type == kSigmoid ? GammaKind::kZero : gamma_kind(p.gamma)) {
+    case GammaKind::kZero: return sigmoid_rows<scalar_t, GammaKind::kZero>(p, begin, end);
+    case GammaKind::kHalf: return sigmoid_rows<scalar_t, GammaKind::kHalf>(p, begin, end);
+    case GammaKind::kOne: return sigmoid_rows<scalar_t, GammaKind::kOne>(p, begin, end);
+    case GammaKind::kTwo: return sigmoid_rows<scalar_t, GammaKind::kTwo>(p, begin, end);
+    default: return sigmoid_rows<scalar_t, GammaKind::kGeneral>(p, begin, end);
+  }
+}
+
+}  // namespace
+
+int64_t cb_loss_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+  switch (p.dtype) {
+    case Dtype::kDouble: return rows_for_dtype<double>(p, begin, end);
+    case Dtype::kHalf: return rows_for_dtype<c10::Half>(p, begin, end);
+    case Dtype::kBFloat16: return rows_for_dtype<c10::BFloat16>(p, begin, end);
+    default: return rows_for_dtype<float>(p, begin, end);
+  }
+}
+
+}  // namespace cbkernels::cpu::CPU_CAPABILITY
