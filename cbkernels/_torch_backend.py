@@ -17,7 +17,7 @@ SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
 
 # Elements per chunk: big enough that Python overhead is small, small enough that the chunk's
 # float32 temporaries (a handful of [rows, C] buffers) stay near the cache.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _pow_gamma(x: Tensor, gamma: float) -> Optional[Tensor]:
@@ -35,12 +35,14 @@ def _pow_gamma(x: Tensor, gamma: float) -> Optional[Tensor]:
 
 def _chunk(
     z: Tensor, t: Tensor, valid: Tensor, a: Tensor, scale: Tensor,
-    loss_type: int, gamma: float, eps: float, want_grad: bool,
+    loss_type: int, gamma: float, eps: float, want_grad: bool, out: Optional[Tensor] = None,
+    mask_rows: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Loss ``[R]`` and (optionally) ``scale * dl/dz`` ``[R, C]`` for one chunk, in z's dtype.
 
     Few fused ATen ops over the chunk, each vectorised; ``z`` may alias the caller's logits and is
-    never written.
+    never written. ``out`` (z's dtype and shape, not aliasing z) receives the gradient directly when
+    given, which saves a copy pass. ``mask_rows=False`` says every row is valid (no masking pass).
     """
     num_classes = z.shape[1]
     ty = t.unsqueeze(1)
@@ -48,7 +50,7 @@ def _chunk(
     grad = None
     if loss_type in (SOFTMAX, SOFTMAX_FOCAL):
         # log_softmax then exp: p stays accurate and nll = -log p_y never sees log(0).
-        logp = torch.log_softmax(z, dim=1)
+        logp = torch.log_softmax(z, dim=1) if out is None or not want_grad else torch.log_softmax(z, 1, out=out)
         nll = -logp.gather(1, ty).squeeze(1)
         if loss_type == SOFTMAX:
             loss = nll if eps == 0.0 else (1.0 - eps) * nll - (eps / num_classes) * logp.sum(1)
@@ -73,7 +75,7 @@ def _chunk(
         # softplus(z) = log1p(exp(z)) in ATen, or z past its threshold: accurate for every finite z.
         loss = F.softplus(z).sum(1) - zy
         if want_grad:
-            grad = torch.sigmoid(z)
+            grad = torch.sigmoid(z) if out is None else torch.sigmoid(z, out=out)
             grad.scatter_add_(1, ty, torch.full_like(zy, -1.0).unsqueeze(1))
             grad.mul_((a * scale).unsqueeze(1))
     else:
@@ -99,8 +101,11 @@ def _chunk(
             g = g.scatter_(1, ty, tg.unsqueeze(1))
             grad = g.mul_((a * scale).unsqueeze(1))
     loss = torch.where(valid, loss * a, torch.zeros_like(loss))
-    if grad is not None:
+    if grad is not None and mask_rows:
         grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    if out is not None and grad is not None and grad.data_ptr() != out.data_ptr():
+        out.copy_(grad)
+        grad = out
     return loss, grad
 
 
@@ -116,14 +121,21 @@ def _run(
     a_all = weight.to(cdtype)[t_all]
     scale_c = scale.to(cdtype)
     rows = max(1, CHUNK_ELEMENTS // max(c, 1))
+    # Ignored rows need their gradient zeroed (a zero weight would not clear a NaN logit). On the CPU the check
+    # is free; elsewhere it would be a host sync, so the masking pass always runs there.
+    mask_rows = logits.device.type != "cpu" or not bool(valid_all.all())
+    # The gradient is written straight into grad_out when it has the compute dtype and does not alias the
+    # logits (in place, or a dtype cast, goes through one chunk-sized temporary and a copy).
+    direct = grad_out is not None and grad_out.dtype == cdtype and grad_out.data_ptr() != logits.data_ptr()
     with torch.autocast(logits.device.type, enabled=False):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             z = logits[r0:r1].to(cdtype)
             l_rows, g = _chunk(z, t_all[r0:r1], valid_all[r0:r1], a_all[r0:r1], scale_c,
-                               loss_type, gamma, label_smoothing, grad_out is not None)
+                               loss_type, gamma, label_smoothing, grad_out is not None,
+                               out=grad_out[r0:r1] if direct else None, mask_rows=mask_rows)
             loss[r0:r1] = l_rows
-            if grad_out is not None:
+            if grad_out is not None and not direct:
                 grad_out[r0:r1].copy_(g)
     return loss
 

@@ -147,6 +147,12 @@ def test_nan_propagates_to_its_row_only(backend, loss_type):
     assert loss[5] == 0
     assert torch.isfinite(loss[[0, 1, 3, 4]]).all()
     assert torch.isnan(cb.class_balanced_loss(logits, target, loss_type=loss_type, backend=backend))
+    # The ignored row's gradient is exactly 0 despite its NaN; the NaN row's gradient is not silently cleaned.
+    z = logits.clone().requires_grad_(True)
+    cb.class_balanced_loss(z, target, loss_type=loss_type, reduction="sum", backend=backend).backward()
+    assert (z.grad[5] == 0).all()
+    assert torch.isnan(z.grad[2]).any()
+    assert torch.isfinite(z.grad[[0, 1, 3, 4]]).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
