@@ -27,5 +27,8 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+gpu-build-check: setup
+	$(PY) tools/gpu_build_check.py
+
 clean:
 	rm -rf build *.egg-info cbkernels/*.so $(VENV)/.installed

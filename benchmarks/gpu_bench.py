@@ -1,0 +1,218 @@
+"""GPU benchmark of the Triton backend against naive eager PyTorch and ``torch.compile`` of it.
+
+    python benchmarks/gpu_bench.py [--out benchmarks/results] [--losses softmax focal] [--budget 240]
+
+Forward+backward of the mean loss w.r.t. a leaf logits tensor, median of CUDA-event timings (``logits.grad`` reset
+between steps, untimed warm-up first; ``torch.compile`` compiles there, with dynamic shapes so that it compiles
+once per loss and dtype). Providers:
+
+- ``triton``: ``cbkernels.class_balanced_loss(..., backend="triton")``, the whole user-facing call (validation,
+  reduction scale, kernel, backward scaling);
+- ``triton-kernel``: the ``cbkernels::cb_loss_fwd_triton`` op alone (loss and gradient in one launch);
+- ``eager``: ``cbkernels.reference.naive_cb_loss`` at the working dtype (what users write today);
+- ``compile``: ``torch.compile`` of the same function.
+
+Effective bandwidth = (logits read + gradient written) / time, also as a fraction of a device-to-device copy
+measured in the same run. Writes ``gpu_bench_<gpu>_<date>.json`` and ``.txt`` under ``--out``. ``--device cpu``
+runs the script under the Triton interpreter as a smoke test of the script itself (its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cbkernels as cb  # noqa: E402
+from cbkernels.reference import naive_cb_loss  # noqa: E402
+
+# (N, C, dtypes): the paper's iNaturalist 2018 head (8142), ImageNet, an LM vocabulary (32000), Llama 3's
+# 128256 (bf16 only: the fp32 eager baseline alone needs tens of GB), and few rows of a huge vocabulary.
+CASES = [(256, 8142), (4096, 8142), (1024, 1000), (8192, 1000), (2048, 32000), (4096, 128256), (8, 256000)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BF16_ONLY = {(4096, 128256)}
+GAMMA = 0.5
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs: CUDA events on a GPU, perf_counter on the CPU (smoke)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy (bytes read + bytes written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), reps=20, warmup=3)
+    return 2 * nbytes / ms / 1e6
+
+
+def reps_for(nbytes: int) -> int:
+    return 50 if nbytes < (64 << 20) else 20 if nbytes < (1 << 30) else 10
+
+
+def make_step(provider: str, loss_type: str, logits, target, weight, compiled: dict):
+    if provider == "triton-kernel":
+        scale = torch.ones((), device=logits.device)
+        lt = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}[loss_type]
+
+        def step():
+            torch.ops.cbkernels.cb_loss_fwd_triton(logits, target, weight, scale, lt, GAMMA, 0.0, -100, True)
+
+        return step
+    x = logits.detach().clone().requires_grad_(True)
+    if provider == "triton":
+        def fn(z):
+            return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
+                                          backend="triton")
+    elif provider == "eager":
+        def fn(z):
+            return naive_cb_loss(z, target, weight, loss_type=loss_type, gamma=GAMMA)
+    else:
+        key = (loss_type, logits.dtype)
+        if key not in compiled:
+            compiled[key] = torch.compile(naive_cb_loss, dynamic=True)
+        cfn = compiled[key]
+
+        def fn(z):
+            return cfn(z, target, weight, loss_type=loss_type, gamma=GAMMA)
+
+    def step():
+        x.grad = None
+        fn(x).backward()
+
+    return step
+
+
+def run(losses, budget_s: float, providers, cases=CASES, dtypes=tuple(DTYPES), device="cuda") -> dict:
+    on_gpu = device == "cuda"
+    meta = {
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else f"CPU (smoke run) {platform.processor()}",
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 0,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if on_gpu else "-",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "cuda": torch.version.cuda, "gamma": GAMMA,
+        "method": "forward+backward, median of CUDA-event timings; bandwidth counts logits read + gradient written",
+    }
+    meta["copy_GBps"] = round(copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 24)), 1)
+    print(f"# {meta['gpu']} ({meta['sm_count']} SMs), torch {meta['torch']}, triton {meta['triton']}, "
+          f"device copy {meta['copy_GBps']} GB/s", flush=True)
+    t_start = time.time()
+    compiled: dict = {}
+    rows = []
+    for loss_type in losses:
+        for n, c in cases:
+            for dname in dtypes:
+                dtype = DTYPES[dname]
+                if (n, c) in BF16_ONLY and dname != "bf16":
+                    continue
+                g = torch.Generator(device=device).manual_seed(0)
+                logits = torch.randn(n, c, device=device, generator=g).mul_(3).to(dtype)
+                target = torch.randint(0, c, (n,), device=device, generator=g)
+                weight = torch.rand(c, device=device, generator=g) + 0.5
+                nbytes = 2 * logits.numel() * logits.element_size()
+                row = {"loss": loss_type, "N": n, "C": c, "dtype": dname, "bytes": nbytes}
+                for provider in providers:
+                    if provider == "compile" and time.time() - t_start > budget_s:
+                        row[provider] = None  # over the time budget: torch.compile is the slow one to warm up
+                        continue
+                    try:
+                        if on_gpu:
+                            torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated() if on_gpu else 0
+                        step = make_step(provider, loss_type, logits, target, weight, compiled)
+                        ms = median_ms(step, reps_for(nbytes) if on_gpu else 2, warmup=2 if on_gpu else 1)
+                        peak = torch.cuda.max_memory_allocated() - base if on_gpu else 0
+                        row[provider] = {"ms": round(ms, 4), "GBps": round(nbytes / ms / 1e6, 1),
+                                         "frac_copy": round(nbytes / ms / 1e6 / meta["copy_GBps"], 3),
+                                         "peak_MB": round(peak / 2**20, 1)}
+                    except Exception as e:  # an OOM or compile failure is a result, not the end of the run
+                        row[provider] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                    finally:
+                        step = None
+                        if on_gpu:
+                            torch.cuda.empty_cache()
+                rows.append(row)
+                print(format_row(row, providers), flush=True)
+                del logits, target, weight
+    meta["seconds"] = round(time.time() - t_start, 1)
+    return {"meta": meta, "rows": rows}
+
+
+def format_row(row, providers) -> str:
+    cells = [f"{row['loss']:13} {row['N']:>5}x{row['C']:<6} {row['dtype']:4}"]
+    for p in providers:
+        r = row.get(p)
+        if not r:
+            cells.append(f"{p}: {'skipped':>8}")
+        elif "error" in r:
+            cells.append(f"{p}: {'error':>8}")
+        else:
+            cells.append(f"{p}: {r['ms']:8.3f} ms {r['frac_copy']:5.0%}")
+    eager, tri = row.get("eager"), row.get("triton")
+    if eager and tri and "ms" in eager and "ms" in tri:
+        cells.append(f"speed-up vs eager {eager['ms'] / tri['ms']:5.1f}x")
+    return " | ".join(cells)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--losses", nargs="+", default=["softmax", "focal"],
+                        choices=["softmax", "sigmoid", "focal", "softmax_focal"])
+    parser.add_argument("--providers", nargs="+", default=["triton", "triton-kernel", "eager", "compile"])
+    parser.add_argument("--budget", type=float, default=240.0,
+                        help="seconds after which torch.compile cases are skipped (its warm-up dominates)")
+    parser.add_argument("--cases", nargs="+", default=None, help="NxC shapes instead of the default set")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of this script under TRITON_INTERPRET=1 (timings meaningless)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device")
+        return 1
+    cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
+    result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["gpu"]).strip("-").lower()
+    stem = out / f"gpu_bench_{gpu}_{datetime.date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    m = result["meta"]
+    header = (f"{m['gpu']} ({m['sm_count']} SMs, sm_{m['capability']}), {m['date']}, torch {m['torch']}, "
+              f"triton {m['triton']}, CUDA {m['cuda']}; device-to-device copy {m['copy_GBps']} GB/s\n"
+              f"{m['method']}; % = fraction of the copy's bandwidth; gamma {m['gamma']}\n")
+    table = "\n".join(format_row(r, args.providers) for r in result["rows"])
+    stem.with_suffix(".txt").write_text(header + table + "\n")
+    print(f"wrote {stem}.json and .txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

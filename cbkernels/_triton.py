@@ -1,0 +1,269 @@
+"""Triton backend: host side of the fused kernels in ``_triton_kernels`` (launch plans, custom ops).
+
+``forward`` / ``forward_inplace`` follow the backend interface of ``_backends``. Everything stays on the
+device (the reduction's ``scale`` and the class weights are read by the kernel; no host sync), launches go
+to the current stream of the logits' device, and CPU tensors run the same kernels under the Triton interpreter
+(``TRITON_INTERPRET=1``, read by Triton when it is first imported: ``triton.jit`` then builds interpreter
+functions, its own standard library included, for the whole process).
+float64 logits are computed in float64 (the loss is then float64 too, as in the torch backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
+GAMMA_ZERO, GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY = 0, 1, 2, 3, 4
+_GAMMA_CASES = {0.0: GAMMA_ZERO, 0.5: GAMMA_HALF, 1.0: GAMMA_ONE, 2.0: GAMMA_TWO}
+
+# Launch heuristics, by logits element size (module attributes so that tests can force every path on small shapes).
+# Elements per program for small C, where a program packs up to MAX_ROWS rows.
+TILE_ELEMS = {2: 4096, 4: 4096, 8: 128}
+MAX_ROWS = 64
+SMALL_C_MAX = 2048  # up to this padded C, several rows per program
+# Largest padded row kept in registers as one tile: beyond it registers spill (tools/gpu_build_check.py).
+# float64 (tests, gradcheck) takes two registers per value and exp/log code with calls: one value per thread.
+SINGLE_TILE_MAX = {2: 16384, 4: 16384, 8: 128}
+# The same when C or the row strides allow less than 16-byte accesses: every element then needs its own address.
+SINGLE_TILE_MAX_NARROW = {2: 8192, 4: 8192, 8: 128}
+LOOP_BLOCK = {2: 4096, 4: 4096, 8: 128}  # column tile of the loop and split paths
+# Split a row over programs when there are fewer than SPLIT_ROWS_PER_SM * SMs rows, aiming at
+# SPLIT_TARGET_PER_SM programs per SM, at most MAX_SPLITS per row.
+SPLIT_ROWS_PER_SM = 2
+SPLIT_TARGET_PER_SM = 4
+MAX_SPLITS = 256
+# "SMs" of the interpreter: only a single row is split unless a test asks for more.
+INTERPRET_SM_COUNT = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is launched: ``rows`` x ``block_c`` tiles, ``splits`` programs per row."""
+
+    rows: int
+    block_c: int
+    num_warps: int
+    single_tile: bool
+    splits: int = 1
+    cols_per_split: int = 0
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _warps(elems: int) -> int:
+    # About 8 values per thread (one 16-byte load of 16-bit logits) in tiles up to 4096; larger single tiles keep
+    # 16 warps (more would cap registers at 64 per thread). More values per thread made ptxas spill in the
+    # focal loss's longer code.
+    return max(4, min(16, elems // 256))
+
+
+def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[int] = None) -> Plan:
+    """Pick the kernel shape for ``n`` rows of ``c`` classes of ``itemsize``-byte logits (``align``: see align_for;
+    None stands for 16-byte accesses)."""
+    block = max(16, _next_pow2(c))
+    if block <= min(SMALL_C_MAX, TILE_ELEMS[itemsize]):
+        rows = max(1, min(MAX_ROWS, TILE_ELEMS[itemsize] // block))
+        return Plan(rows, block, _warps(rows * block), True)
+    narrow = align is not None and align * itemsize < 16
+    if block <= (SINGLE_TILE_MAX_NARROW if narrow else SINGLE_TILE_MAX)[itemsize]:
+        return Plan(1, block, _warps(block), True)
+    block = LOOP_BLOCK[itemsize]
+    tiles = _cdiv(c, block)
+    if n < SPLIT_ROWS_PER_SM * sm_count and tiles > 1:
+        splits = min(tiles, _cdiv(SPLIT_TARGET_PER_SM * sm_count, max(n, 1)), MAX_SPLITS)
+        tiles_per_split = _cdiv(tiles, splits)
+        splits = _cdiv(tiles, tiles_per_split)  # no empty chunk
+        if splits > 1:
+            return Plan(1, block, _warps(block), False, splits, tiles_per_split * block)
+    return Plan(1, block, _warps(block), False)
+
+
+def align_for(c: int, stride_z: int, stride_g: int, itemsize: int) -> int:
+    """ALIGN: 16 bytes worth of elements when C and both row strides are multiples of it, else 2 when they are even
+    (C = 8142: 4-byte bf16 pairs), else 1. Three values keep the number of compiled variants down."""
+    vec = 16 // itemsize
+    a = vec
+    for x in (c, stride_z, stride_g):
+        while x % a:
+            a //= 2
+    return a if a == vec else min(a, 2)
+
+
+def kernel_flags(loss_type: int, gamma: float, label_smoothing: float) -> Tuple[int, int, bool]:
+    """(LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING) as launched: a focal loss with gamma 0 is its plain loss."""
+    if loss_type in (FOCAL, SOFTMAX_FOCAL):
+        if gamma == 0.0:
+            return (SIGMOID if loss_type == FOCAL else SOFTMAX), GAMMA_ZERO, False
+        return loss_type, _GAMMA_CASES.get(gamma, GAMMA_ANY), False
+    return loss_type, GAMMA_ZERO, loss_type == SOFTMAX and label_smoothing != 0.0
+
+
+def finish_flags(loss_type: int, gamma_case: int, has_smoothing: bool, has_grad: bool) -> Tuple[int, int, bool, bool]:
+    """Flags of the split path's second kernel: for the one-vs-all losses it only sums partial losses."""
+    if loss_type in (SIGMOID, FOCAL):
+        return SIGMOID, GAMMA_ZERO, False, False
+    return loss_type, gamma_case, has_smoothing, has_grad
+
+
+def _split_f32(x: float) -> Tuple[float, float]:
+    # float64 kernels rebuild x as hi + lo: a Python float reaches a kernel as float32.
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def kernels():
+    """The kernel module, imported on first use (``triton.jit`` decorates as the environment says: compiled, or
+    interpreted under TRITON_INTERPRET=1, which must be set before Triton is first imported)."""
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
+            label_smoothing: float, ignore_index: int, grad: Optional[Tensor], plan: Optional[Plan] = None) -> Tensor:
+    n, c = logits.shape
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=cdtype, device=logits.device)
+    if n == 0:
+        return loss
+    on_cpu = logits.device.type == "cpu"
+    k = kernels()
+    if on_cpu and type(k.cb_loss_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("the triton backend runs CPU tensors only under the Triton interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is first imported")
+    lt, gamma_case, smooth = kernel_flags(loss_type, gamma, label_smoothing)
+    has_grad = grad is not None
+    if has_grad and on_cpu and grad.dtype == torch.bfloat16:
+        # The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest even): let it write
+        # float32 and round here, so that CPU tests see the GPU's numbers.
+        grad32 = torch.empty(grad.shape, dtype=torch.float32)
+        loss = _launch(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, grad32, plan)
+        grad.copy_(grad32)
+        return loss
+    g = grad if has_grad else logits  # never written without HAS_GRAD; same dtype keeps one specialisation
+    # int64 targets only: one specialisation fewer to compile, for an [N] copy when given int32.
+    target = target.to(torch.int64).contiguous()
+    weight = weight.contiguous()
+    scale = scale.to(cdtype)
+    g_hi, g_lo = _split_f32(float(gamma))
+    e_hi, e_lo = _split_f32(float(label_smoothing))
+    common = (n, c, logits.stride(0), g.stride(0) if has_grad else c)
+    align = align_for(*common[1:], logits.element_size())
+    if plan is None:
+        sms = INTERPRET_SM_COUNT if on_cpu else _cuda_sm_count(logits.device.index)
+        plan = plan_launch(n, c, logits.element_size(), sms, align)
+    scalars = (ignore_index, g_hi, g_lo, e_hi, e_lo)
+    guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(logits.device)
+    with guard:
+        if plan.splits == 1:
+            grid = (_cdiv(n, plan.rows), 1)
+            k.cb_loss_kernel[grid](
+                logits, target, weight, scale, loss, g, loss, *common, 0, *scalars,
+                LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+                SINGLE_TILE=plan.single_tile, SPLIT=False, ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align,
+                num_warps=plan.num_warps)
+            return loss
+        ws = torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device)
+        k.cb_loss_kernel[(n, plan.splits)](
+            logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, *scalars,
+            LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+            SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps)
+        f_lt, f_gc, f_smooth, f_grad = finish_flags(lt, gamma_case, smooth, has_grad)
+        k.cb_loss_split_finish_kernel[(n, plan.splits if f_grad else 1)](
+            logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, plan.splits, *scalars,
+            LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
+            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps)
+    return loss
+
+
+def _unit_col_stride(t: Tensor) -> bool:
+    return t.shape[1] <= 1 or t.stride(1) == 1
+
+
+@torch.library.custom_op("cbkernels::cb_loss_fwd_triton", mutates_args=())
+def forward(
+    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
+    label_smoothing: float, ignore_index: int, compute_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    # The kernels take any row stride but unit column stride (coalesced, vectorised loads): copy otherwise.
+    z = logits if _unit_col_stride(logits) else logits.contiguous()
+    grad = torch.empty(z.shape if compute_grad else (0,), dtype=z.dtype, device=z.device)
+    loss = _launch(z, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
+                   grad if compute_grad else None)
+    return loss, grad
+
+
+@forward.register_fake
+def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
+    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = logits.new_empty(logits.shape[:1], dtype=ldtype)
+    grad = logits.new_empty(logits.shape if compute_grad else (0,))
+    return loss, grad
+
+
+@torch.library.custom_op("cbkernels::cb_loss_fwd_inplace_triton", mutates_args=("logits",))
+def forward_inplace(
+    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
+    label_smoothing: float, ignore_index: int,
+) -> Tensor:
+    if _unit_col_stride(logits):
+        return _launch(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    loss = _launch(logits.contiguous(), target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
+                   grad)
+    logits.copy_(grad)
+    return loss
+
+
+@forward_inplace.register_fake
+def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
+    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(logits.shape[:1], dtype=ldtype)
+
+
+def launch_variants() -> Iterator[dict]:
+    """Every (kernel, constexprs, num_warps) the dispatcher can launch, for ahead-of-time build checks."""
+    math = [(SOFTMAX, GAMMA_ZERO, False), (SOFTMAX, GAMMA_ZERO, True), (SIGMOID, GAMMA_ZERO, False)]
+    math += [(lt, gc, False) for lt in (FOCAL, SOFTMAX_FOCAL) for gc in (GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY)]
+    for dtype, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
+        finishes = sorted({finish_flags(lt, gc, smooth, grad) for lt, gc, smooth in math for grad in (False, True)})
+        for align in sorted({1, 2, 16 // itemsize}):
+            single_max = (SINGLE_TILE_MAX if align * itemsize == 16 else SINGLE_TILE_MAX_NARROW)[itemsize]
+            shapes = {}  # ordered, without duplicates
+            block = 16
+            while block <= single_max:
+                shapes[plan_launch(1 << 20, block, itemsize, 1, align)] = None
+                block *= 2
+            shapes[plan_launch(1 << 20, single_max + 1, itemsize, 1, align)] = None  # loop
+            split = plan_launch(1, single_max + 1, itemsize, 1 << 20, align)
+            shapes[split] = None
+            for plan in shapes:
+                for lt, gc, smooth in math:
+                    for has_grad in (False, True):
+                        yield dict(kernel="cb_loss_kernel", dtype=dtype, num_warps=plan.num_warps,
+                                   constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth,
+                                                   HAS_GRAD=has_grad, SINGLE_TILE=plan.single_tile,
+                                                   SPLIT=plan.splits > 1, ROWS=plan.rows, BLOCK_C=plan.block_c,
+                                                   ALIGN=align))
+            for lt, gc, smooth, has_grad in finishes:
+                yield dict(kernel="cb_loss_split_finish_kernel", dtype=dtype, num_warps=split.num_warps,
+                           constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+                                           MAX_SPLITS=MAX_SPLITS, BLOCK_C=split.block_c, ALIGN=align))

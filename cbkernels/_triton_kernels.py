@@ -1,0 +1,337 @@
+"""Triton kernels of the four class-balanced losses (SPEC sections 3-4): one skeleton, specialised by constexpr flags.
+
+A program owns ``ROWS`` rows and, of each, the columns ``[col_lo, col_hi)``; it works on ``[ROWS, BLOCK_C]``
+tiles in float32 (float64 for float64 logits) and rounds the gradient to the logits' dtype once, after every
+difference that can cancel (``p - q``, ``sigmoid(z) - 1``) has been formed. Three shapes of the same code:
+
+- ``SINGLE_TILE``: the whole row is one tile, kept in registers, so the logits are read once
+  (small C packs several rows per program, medium C one row).
+- loop: an online max / sum-exp over column tiles, then a second pass that writes the gradient
+  (softmax losses; the one-vs-all losses need no row statistic and write the gradient in the first pass).
+- ``SPLIT``: few rows and huge C. ``cb_loss_kernel`` leaves per-chunk partials in a workspace and
+  ``cb_loss_split_finish_kernel`` combines them in a fixed order (no atomics: every run gives the same bits;
+  every program of a row computes the same combined value) and writes the loss and the gradient of its chunk.
+
+The gradient may be written over the logits (in place): every program reads a tile before it writes it, and the
+target logit, needed after the tiles are overwritten, is read in the first pass (the workspace in split mode).
+
+"""
+
+import triton.language as tl
+from triton import jit
+
+SOFTMAX = tl.constexpr(0)
+SIGMOID = tl.constexpr(1)
+FOCAL = tl.constexpr(2)
+SOFTMAX_FOCAL = tl.constexpr(3)
+
+# GAMMA_CASE: the focal exponent, specialised where x ** gamma needs no transcendental.
+GAMMA_ZERO = tl.constexpr(0)  # also every non-focal loss
+GAMMA_HALF = tl.constexpr(1)
+GAMMA_ONE = tl.constexpr(2)
+GAMMA_TWO = tl.constexpr(3)
+GAMMA_ANY = tl.constexpr(4)
+
+# -ln(2): below it 1 - exp(-L) has no cancellation worth fixing.
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@jit
+def _finite_or_zero(m):
+    # A shift of -inf (a row, or a tile, that is all -inf so far) would turn exp(z - m) into exp(nan).
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@jit
+def _pow_gamma(x, log_x, gamma, GAMMA_CASE: tl.constexpr):
+    """``x ** gamma`` for x in [0, 1]; ``log_x`` is used only by the general case."""
+    if GAMMA_CASE == GAMMA_HALF:
+        r = tl.sqrt(x)
+    elif GAMMA_CASE == GAMMA_ONE:
+        r = x
+    elif GAMMA_CASE == GAMMA_TWO:
+        r = x * x
+    else:
+        r = tl.exp(gamma * log_x)
+    return r
+
+
+@jit
+def _one_vs_all_terms(z, is_t, gamma, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr):
+    """Loss term and its derivative for sigmoid CE and sigmoid focal, per element.
+
+    With s = +1 on the target and -1 elsewhere and v = s z: term = m u with u = softplus(-v), derivative
+    -s m [gamma q u + (1 - q)], q = sigmoid(v), m = (1 - q) ** gamma (m = 1 for sigmoid CE). SPEC section 4.
+    """
+    v = tl.where(is_t, z, -z)
+    # One exp(-|v|) gives sigmoid(v), sigmoid(-v) and softplus(-v) together.
+    e = tl.exp(-tl.abs(v))
+    w = 1.0 + e
+    # log1p(e): log(1 + e) alone loses e's low bits when 1 + e rounds; Goldberg's correction restores them
+    # (no log1p builtin that also runs under the interpreter).
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    u = tl.where(v > 0.0, 0.0, -v) + log1p_e
+    inv = 1.0 / w
+    small = e * inv  # sigmoid(-|v|), never formed as 1 - sigmoid(|v|) (that cancels to 0)
+    pos = v >= 0.0
+    one_minus_q = tl.where(pos, small, inv)
+    if LOSS_TYPE == SIGMOID:
+        term = u
+        d = one_minus_q
+    else:
+        q = tl.where(pos, inv, small)
+        # log(1 - q) = -softplus(v) = -(u + v)
+        m = _pow_gamma(one_minus_q, -(u + v), gamma, GAMMA_CASE)
+        term = m * u
+        d = m * (gamma * q * u + one_minus_q)
+    return term, tl.where(is_t, -d, d)
+
+
+@jit
+def _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                 LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Row loss and gradient coefficient from the row max ``m``, sum-exp ``s`` (relative to m),
+    logit sum ``sz`` (label smoothing only) and target logit ``zy``. SPEC sections 3-4."""
+    lse = m + tl.log(s)
+    nll = lse - zy
+    if LOSS_TYPE == SOFTMAX:
+        loss = nll
+        if HAS_SMOOTHING:
+            loss = (1.0 - eps) * nll + eps * (lse - sz / n_cols)
+        coef = a * scale
+    else:
+        # lse >= z_y holds in exact arithmetic; the guard keeps a rounding from giving (1 - P) < 0 (NaN lets through).
+        nll = tl.where(nll < 0.0, 0.0, nll)
+        p_t = tl.exp(-nll)
+        # 1 - P = -expm1(-L): for L < ln 2, 1 - exp(-L) cancels, so Kahan's (1 - u) L / -log(u), u = exp(-L).
+        kahan = tl.where(p_t == 1.0, nll, (1.0 - p_t) * (nll / -tl.log(p_t)))
+        one_minus_p = tl.where(nll < LN2, kahan, 1.0 - p_t)
+        mod = _pow_gamma(one_minus_p, tl.log(one_minus_p), gamma, GAMMA_CASE)
+        # r = L / (1 - P) -> 1 as 1 - P -> 0: keeps the gradient finite for gamma < 1.
+        r = tl.where(one_minus_p > 0.0, nll / one_minus_p, 1.0)
+        loss = mod * nll
+        coef = a * scale * mod * (1.0 + gamma * p_t * r)
+    return tl.where(valid, a * loss, 0.0), coef
+
+
+@jit
+def _softmax_grad(p, is_t, coef, valid, eps, n_cols, HAS_SMOOTHING: tl.constexpr):
+    if HAS_SMOOTHING:
+        q = tl.where(is_t, 1.0 - eps, 0.0) + eps / n_cols
+    else:
+        q = tl.where(is_t, 1.0, 0.0)
+    # p - q in float32 before the one rounding to the gradient's dtype (p - 1 would cancel to 0 in bf16).
+    return tl.where(valid[:, None], coef[:, None] * (p - q), 0.0)
+
+
+@jit
+def _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Online max / sum-exp (and logit sum) over the columns [col_lo, col_hi) of each row."""
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.full([ROWS], float("-inf"), CDT)
+    s = tl.zeros([ROWS], CDT)
+    sz = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        mask = row_ok[:, None] & (cc < col_hi)[None, :]
+        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
+        shift = _finite_or_zero(m_new)
+        # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count.
+        tile = tl.sum(tl.where(mask, tl.exp(z - shift[:, None]), 0.0), axis=1)
+        s = s * tl.exp(m - shift) + tile
+        m = m_new
+        if HAS_SMOOTHING:
+            sz += tl.sum(z, axis=1)  # masked lanes were loaded as 0
+    return m, s, sz
+
+
+@jit
+def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, coef, valid, eps, n_cols, col_lo, col_hi,
+                       CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_C: tl.constexpr):
+    # p = exp(z - m) / s rather than exp(z - lse): z - m is exact where p is near 1, z - lse carries lse's rounding
+    # (half an ulp of |lse|, 1e-6 relative at lse ~ 16) into p.
+    shift = _finite_or_zero(m)
+    inv_s = 1.0 / s
+    cols = tl.arange(0, BLOCK_C)
+    n_tiles = (col_hi - col_lo + BLOCK_C - 1) // BLOCK_C
+    for i in tl.range(0, n_tiles):
+        # Last tile first: the statistics pass read it last, so it is the likeliest still in L2.
+        cc = col_lo + (n_tiles - 1 - i) * BLOCK_C + cols
+        mask = row_ok[:, None] & (cc < col_hi)[None, :]
+        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        p = tl.exp(z - shift[:, None]) * inv_s[:, None]
+        g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, HAS_SMOOTHING)
+        tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
+
+
+@jit
+def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi,
+                     CDT: tl.constexpr, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_GRAD: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row sums of the one-vs-all terms over [col_lo, col_hi); writes the gradient on the way (one read)."""
+    cols = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        mask = row_ok[:, None] & (cc < col_hi)[None, :]
+        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        term, d = _one_vs_all_terms(z, cc[None, :] == y[:, None], gamma, LOSS_TYPE, GAMMA_CASE)
+        acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        if HAS_GRAD:
+            g = tl.where(valid[:, None], coef[:, None] * d, 0.0)
+            tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
+    return acc
+
+
+@jit
+def _aligned(x, ALIGN: tl.constexpr):
+    # The host checked that x (C, a row stride, a chunk) is a multiple of ALIGN, so this is x itself; written so,
+    # it lets the compiler prove ALIGN-wide vector loads and stores where Triton alone only detects multiples of 16
+    # (C = 1000 gets 16-byte accesses, C = 8142 4-byte ones). tl.multiple_of does not attach to scalar arguments.
+    return x // ALIGN * ALIGN
+
+
+@jit
+def _row_setup(target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index,
+               gamma_hi, gamma_lo, eps_hi, eps_lo, CDT: tl.constexpr):
+    row_ok = rows < n_rows
+    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (y != ignore_index)
+    # The API edge guarantees 0 <= y < C (a device-side assert on CUDA); the mask only keeps a bad index from
+    # faulting. -1 matches no column.
+    hit = valid & (y >= 0) & (y < n_cols)
+    y = tl.where(hit, y, -1).to(tl.int32)
+    a = tl.load(weight_ptr + y, mask=hit, other=0.0).to(CDT)
+    scale = tl.load(scale_ptr).to(CDT)
+    # Python floats reach a kernel as float32; the float64 path gets the rest of the digits from the low part.
+    gamma = tl.cast(gamma_hi, CDT) + tl.cast(gamma_lo, CDT)
+    eps = tl.cast(eps_hi, CDT) + tl.cast(eps_lo, CDT)
+    return row_ok, y, valid, hit, a, scale, gamma, eps
+
+
+@jit
+def cb_loss_kernel(
+    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr,
+    n_rows, n_cols, stride_z, stride_g, cols_per_split,
+    ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+    LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Per-row loss ``loss[N]`` and gradient ``scale * dl/dz`` (``grad``, when HAS_GRAD) of ROWS rows per program.
+
+    Columns have unit stride; rows ``stride_z`` (logits) and ``stride_g`` (gradient). With SPLIT, program
+    (r, k) covers columns [k * cols_per_split, (k + 1) * cols_per_split) and leaves partials in ``ws [N, K, 4]``.
+    """
+    CDT: tl.constexpr = loss_ptr.dtype.element_ty
+    if ALIGN > 1:
+        n_cols = _aligned(n_cols, ALIGN)
+        stride_z = _aligned(stride_z, ALIGN)
+        stride_g = _aligned(stride_g, ALIGN)
+    # int64 row offsets: row * stride passes 2**31 for large N * C (e.g. 16k rows of a 256k vocabulary).
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
+        target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+        CDT)
+    z_rows = logits_ptr + rows * stride_z
+    g_rows = grad_ptr + rows * stride_g
+    if SPLIT:
+        cols_per_split = _aligned(cols_per_split, BLOCK_C)  # a whole number of tiles: aligned chunk starts
+        col_lo = tl.program_id(1) * cols_per_split
+        col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+        ws_rows = ws_ptr + (rows * tl.num_programs(1) + tl.program_id(1)) * 4
+    else:
+        col_lo = 0
+        col_hi = n_cols
+
+    if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+        zy = tl.load(z_rows + y, mask=hit, other=0.0).to(CDT)
+        if SINGLE_TILE:
+            cols = tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(CDT)
+            m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
+            e = tl.where(mask, tl.exp(z - _finite_or_zero(m)[:, None]), 0.0)
+            s = tl.sum(e, axis=1)
+            if HAS_SMOOTHING:
+                sz = tl.sum(z, axis=1)
+            else:
+                sz = s
+            loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                           LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+            tl.store(loss_ptr + rows, loss, mask=row_ok)
+            if HAS_GRAD:
+                g = _softmax_grad(e * (1.0 / s)[:, None], cols[None, :] == y[:, None], coef, valid, eps, n_cols,
+                                  HAS_SMOOTHING)
+                tl.store(g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            m, s, sz = _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT, HAS_SMOOTHING, ROWS, BLOCK_C)
+            if SPLIT:
+                tl.store(ws_rows, m, mask=row_ok)
+                tl.store(ws_rows + 1, s, mask=row_ok)
+                tl.store(ws_rows + 2, sz, mask=row_ok)
+                tl.store(ws_rows + 3, zy, mask=row_ok)
+            else:
+                loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                               LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+                tl.store(loss_ptr + rows, loss, mask=row_ok)
+                if HAS_GRAD:
+                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, coef, valid, eps, n_cols, col_lo, col_hi,
+                                       CDT, HAS_SMOOTHING, BLOCK_C)
+    else:
+        coef = tl.where(valid, a * scale, 0.0)
+        acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi,
+                               CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, ROWS, BLOCK_C)
+        if SPLIT:
+            tl.store(ws_rows, acc, mask=row_ok)
+        else:
+            tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)
+
+
+@jit
+def cb_loss_split_finish_kernel(
+    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr,
+    n_rows, n_cols, stride_z, stride_g, cols_per_split, n_splits,
+    ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+    LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Second launch of the split path: program (r, k) combines row r's ``n_splits`` partials in a fixed order,
+    then (softmax losses) writes the gradient of chunk k; chunk 0 writes the loss."""
+    CDT: tl.constexpr = loss_ptr.dtype.element_ty
+    if ALIGN > 1:
+        n_cols = _aligned(n_cols, ALIGN)
+        stride_z = _aligned(stride_z, ALIGN)
+        stride_g = _aligned(stride_g, ALIGN)
+    rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)  # int64: see cb_loss_kernel
+    split = tl.program_id(1)
+    row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
+        target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+        CDT)
+    k = tl.arange(0, MAX_SPLITS)
+    kmask = row_ok[:, None] & (k < n_splits)[None, :]
+    parts = ws_ptr + (rows[:, None] * n_splits + k[None, :]) * 4
+    if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+        pm = tl.load(parts, mask=kmask, other=float("-inf"))
+        ps = tl.load(parts + 1, mask=kmask, other=0.0)
+        m = tl.max(pm, axis=1)
+        s = tl.sum(ps * tl.exp(pm - _finite_or_zero(m)[:, None]), axis=1)
+        if HAS_SMOOTHING:
+            sz = tl.sum(tl.load(parts + 2, mask=kmask, other=0.0), axis=1)
+        else:
+            sz = s
+        zy = tl.load(ws_ptr + rows * n_splits * 4 + 3, mask=row_ok, other=0.0)
+        loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                       LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+        first = (split + tl.arange(0, 1)) == 0  # a [1] mask: the interpreter rejects a broadcast scalar one
+        tl.store(loss_ptr + rows, loss, mask=row_ok & first)
+        if HAS_GRAD:
+            cols_per_split = _aligned(cols_per_split, BLOCK_C)  # see cb_loss_kernel
+            col_lo = split * cols_per_split
+            col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+            _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s, coef, valid,
+                               eps, n_cols, col_lo, col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
+    else:
+        acc = tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1)
+        tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)

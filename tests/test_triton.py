@@ -1,0 +1,387 @@
+"""Triton backend against the float64 reference (SPEC sections 3-7).
+
+CPU tests run the kernels under the Triton interpreter. Triton reads ``TRITON_INTERPRET`` once, when it is first
+imported (``triton.jit`` then makes interpreter functions of its own standard library too), so the switch cannot
+be flipped inside a pytest process that may already hold compiled Triton or other modules that must not see it.
+Run as part of the suite, ``test_interpreter_suite`` therefore runs this file's CPU tests in a child process with
+``TRITON_INTERPRET=1`` set from the start; ``TRITON_INTERPRET=1 pytest tests/test_triton.py`` runs them directly.
+Every path is forced on small shapes by shrinking the launch heuristics. Tests marked ``gpu`` run the same checks
+natively, plus large shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LOSS_TYPES, REDUCTIONS, assert_matches, make_inputs, oracle, run_loss
+
+import cbkernels as cb
+
+pytest.importorskip("triton")
+from cbkernels import _triton as T  # noqa: E402  (needs triton)
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+cpu = pytest.mark.skipif(not INTERPRETED, reason="interpreter tests run in a child process: test_interpreter_suite")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA device")
+# The interpreter evaluates both sides of every tl.where: log(0) and 0/0 in the branch not taken are expected.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+GAMMAS = (0.0, 0.5, 1.0, 2.0, 1.7)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
+def test_interpreter_suite():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider",
+           "-W", "ignore::RuntimeWarning"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    assert " passed" in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+def check(n, c, *, dtype=torch.float32, device="cpu", seed=0, ignore_frac=0.2, target_dtype=torch.int64,
+          logits=None, **kw):
+    """Run the triton backend on make_inputs(n, c) and compare loss and gradient with the float64 oracle."""
+    z, target, counts = make_inputs(n, c, dtype, seed=seed, ignore_frac=ignore_frac, device=device,
+                                    target_dtype=target_dtype)
+    if logits is not None:
+        z = logits(z)
+    weight = cb.class_balanced_weights(counts, beta=0.999).to(device)
+    loss, grad = run_loss(cb.class_balanced_loss, z, target, weight=weight, backend="triton", **kw)
+    kw.pop("inplace_backward", None)
+    assert_matches(loss, grad, z, target, weight, **kw)
+    return loss, grad
+
+
+def force_loop(monkeypatch, block=64):
+    """Rows of more than ``block`` classes go through the two-pass loop over ``block``-wide tiles."""
+    monkeypatch.setattr(T, "SMALL_C_MAX", 16)
+    monkeypatch.setattr(T, "SINGLE_TILE_MAX", {2: block, 4: block, 8: block})
+    monkeypatch.setattr(T, "SINGLE_TILE_MAX_NARROW", {2: block, 4: block, 8: block})
+    monkeypatch.setattr(T, "LOOP_BLOCK", {2: block, 4: block, 8: block})
+
+
+def force_split(monkeypatch, block=64, sms=8):
+    """As force_loop, and fewer than 2 * sms rows split their columns over programs."""
+    force_loop(monkeypatch, block)
+    monkeypatch.setattr(T, "INTERPRET_SM_COUNT", sms)
+
+
+# ---------------------------------------------------------------------------------------------- CPU, interpreter
+
+
+@cpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("c", [1, 7, 423])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_reference(loss_type, c, reduction):
+    check(16, c, loss_type=loss_type, reduction=reduction, gamma=0.5)
+
+
+@cpu
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("loss_type", ["focal", "softmax_focal"])
+def test_gamma(loss_type, gamma):
+    check(12, 37, loss_type=loss_type, gamma=gamma, reduction="none")
+
+
+@cpu
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+def test_label_smoothing(eps):
+    check(12, 37, loss_type="softmax", label_smoothing=eps, reduction="mean")
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_half_dtypes(loss_type, dtype):
+    check(16, 423, dtype=dtype, loss_type=loss_type, reduction="none", gamma=0.5)
+
+
+@cpu
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_float64(loss_type):
+    check(8, 29, dtype=torch.float64, loss_type=loss_type, reduction="sum", gamma=1.7)
+
+
+@cpu
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradcheck_float64(loss_type):
+    logits, target, counts = make_inputs(3, 5, torch.float64, ignore_frac=0.3, seed=1)
+    z = logits.requires_grad_(True)
+
+    def fn(x):
+        return cb.class_balanced_loss(x, target, counts, loss_type=loss_type, gamma=1.7, reduction="mean",
+                                      label_smoothing=0.1 if loss_type == "softmax" else 0.0, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (z,))
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loop_path(monkeypatch, loss_type, dtype):
+    force_loop(monkeypatch)
+    assert not T.plan_launch(16, 423, 4, 1).single_tile
+    check(16, 423, dtype=dtype, loss_type=loss_type, reduction="none", gamma=1.7,
+          label_smoothing=0.1 if loss_type == "softmax" else 0.0)
+
+
+@cpu
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_split_path(monkeypatch, loss_type, reduction):
+    force_split(monkeypatch)
+    assert T.plan_launch(5, 423, 4, T.INTERPRET_SM_COUNT).splits == 7
+    check(5, 423, loss_type=loss_type, reduction=reduction, gamma=0.5, ignore_frac=0.3,
+          label_smoothing=0.1 if loss_type == "softmax" else 0.0)
+
+
+@cpu
+@pytest.mark.parametrize("path", ["single", "loop", "split"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_only_and_inplace(monkeypatch, loss_type, path):
+    if path != "single":
+        (force_split if path == "split" else force_loop)(monkeypatch)
+    z, target, counts = make_inputs(5, 200, torch.bfloat16, seed=3)
+    weight = cb.class_balanced_weights(counts)
+    kw = dict(loss_type=loss_type, gamma=2.0, reduction="sum", weight=weight, backend="triton")
+    ref = cb.class_balanced_loss(z.double(), target, **{**kw, "backend": "torch", "weight": weight})
+    with torch.no_grad():
+        only = cb.class_balanced_loss(z, target, **kw)  # HAS_GRAD off
+    torch.testing.assert_close(only.double(), ref, rtol=1e-5, atol=1e-5)
+    loss, grad = run_loss(cb.class_balanced_loss, z, target, inplace_backward=True, **kw)
+    assert_matches(loss, grad, z, target, weight, loss_type=loss_type, gamma=2.0, reduction="sum")
+    # The gradient lives in the logits' buffer.
+    buf = z.clone().requires_grad_(True)
+    cb.class_balanced_loss(buf, target, inplace_backward=True, **kw).backward()
+    assert buf.grad.data_ptr() == buf.data_ptr()
+
+
+@cpu
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_strided_logits(loss_type):
+    # Column stride 2 (copied to unit stride) and row stride 2 C (used as is).
+    check(8, 45, loss_type=loss_type, reduction="none", logits=lambda z: z.repeat(1, 2)[:, ::2])
+    check(8, 45, loss_type=loss_type, reduction="none", logits=lambda z: torch.cat([z, z], 1)[:, :45])
+    check(8, 45, loss_type=loss_type, reduction="none", logits=lambda z: z.t().contiguous().t())
+
+
+@cpu
+def test_strided_inplace():
+    z, target, counts = make_inputs(6, 45, seed=4)
+    weight = cb.class_balanced_weights(counts)
+    col_major = z.t().contiguous().t()  # dense, so run_loss's clone keeps the column stride of 6
+    loss, grad = run_loss(cb.class_balanced_loss, col_major, target, weight=weight, loss_type="focal",
+                          inplace_backward=True, backend="triton")
+    assert_matches(loss, grad, z, target, weight, loss_type="focal")
+
+
+@cpu
+def test_int32_target_and_ignore_index():
+    check(16, 50, target_dtype=torch.int32, loss_type="softmax_focal", reduction="weighted_mean")
+    z, target, counts = make_inputs(16, 50, ignore_index=7, seed=5)
+    w = cb.class_balanced_weights(counts)
+    loss, grad = run_loss(cb.class_balanced_loss, z, target, weight=w, ignore_index=7, backend="triton")
+    assert_matches(loss, grad, z, target, w, ignore_index=7)
+
+
+@cpu
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_all_rows_ignored(loss_type):
+    loss, grad = check(6, 9, loss_type=loss_type, ignore_frac=1.0)
+    assert loss.item() == 0.0 and not grad.any()
+
+
+@cpu
+def test_empty_batch():
+    z, target, _ = make_inputs(0, 9)
+    loss, grad = run_loss(cb.class_balanced_loss, z, target, backend="triton", reduction="sum")
+    assert loss.item() == 0.0 and grad.shape == (0, 9)
+
+
+@cpu
+@pytest.mark.parametrize("path", ["single", "loop", "split"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_nan_propagates_to_its_row(monkeypatch, loss_type, path):
+    if path != "single":
+        (force_split if path == "split" else force_loop)(monkeypatch)
+    z, target, _ = make_inputs(4, 150, seed=6, ignore_frac=0)
+    target[3] = -100
+    z[1, 17] = float("nan")
+    z[3, 5] = float("nan")  # an ignored row: loss and gradient 0
+    z.requires_grad_(True)
+    loss = cb.class_balanced_loss(z, target, loss_type=loss_type, reduction="none", backend="triton")
+    assert loss[1].isnan() and not loss[[0, 2]].isnan().any() and loss[3] == 0
+    loss.sum().backward()
+    assert not z.grad[[0, 2]].isnan().any() and not z.grad[3].any()
+
+
+@cpu
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_masked_logits_of_minus_inf(monkeypatch, path):
+    # A whole tile of -inf (vocabulary masking) must not turn the online sum-exp into NaN.
+    if path == "split":
+        force_split(monkeypatch)
+    z, target, _ = make_inputs(4, 300, seed=7, ignore_frac=0)
+    z[:, :128] = float("-inf")
+    target[:] = 200
+    for loss_type in ("softmax", "softmax_focal"):
+        loss, grad = run_loss(cb.class_balanced_loss, z, target, loss_type=loss_type, backend="triton")
+        # The oracle's 0 * inf (its smoothing term) is NaN at -inf; -1e4 is the same softmax in float64.
+        ref_loss, ref_grad = oracle(z.clamp(min=-1e4), target, None, loss_type=loss_type)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-6)
+
+
+@cpu
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_deterministic(monkeypatch, path):
+    if path == "split":
+        force_split(monkeypatch)
+    z, target, counts = make_inputs(5, 423, torch.bfloat16, seed=8)
+    runs = [run_loss(cb.class_balanced_loss, z, target, samples_per_class=counts, loss_type="softmax_focal",
+                     backend="triton")
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_plan_heuristics():
+    sms = 132
+    small = T.plan_launch(8192, 1000, 2, sms)
+    assert small.single_tile and small.rows > 1 and small.block_c == 1024
+    medium = T.plan_launch(4096, 8142, 2, sms, T.align_for(8142, 8142, 8142, 2))
+    assert medium.single_tile and medium.rows == 1 and medium.block_c == 8192
+    assert T.align_for(8142, 8142, 8142, 2) == 2 and T.align_for(1000, 1000, 1000, 2) == 8
+    assert T.align_for(1000, 1001, 1000, 4) == 1
+    assert not T.plan_launch(64, 16000, 4, sms, align=2).single_tile  # narrow accesses: smaller single tiles
+    large = T.plan_launch(4096, 128256, 2, sms)
+    assert not large.single_tile and large.splits == 1
+    huge = T.plan_launch(8, 256000, 2, sms)
+    assert huge.splits > 1 and huge.splits * huge.cols_per_split >= 256000
+    assert (huge.splits - 1) * huge.cols_per_split < 256000  # no empty chunk
+    assert T.plan_launch(8, 7, 8, sms).block_c * T.plan_launch(8, 7, 8, sms).rows <= T.TILE_ELEMS[8]
+
+
+@cpu
+def test_custom_ops():
+    z, target, counts = make_inputs(6, 11)
+    w = cb.class_balanced_weights(counts)
+    scale = torch.tensor(0.5)
+    for lt in range(4):
+        torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_triton, (z, target, w, scale, lt, 0.5, 0.0, -100, True))
+        torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace_triton,
+                              (z.clone(), target, w, scale, lt, 0.5, 0.0, -100))
+
+
+@cpu
+def test_torch_compile_fullgraph():
+    z, target, counts = make_inputs(6, 11)
+    w = cb.class_balanced_weights(counts)
+
+    def fn(x):
+        return cb.cb_focal(x, target, weight=w, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    a = run_loss(lambda x, t: compiled(x), z, target)
+    b = run_loss(lambda x, t: fn(x), z, target)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@cpu
+def test_gpu_bench_script_smoke(tmp_path):
+    """benchmarks/gpu_bench.py end to end on a tiny case (its GPU-only parts cannot run here)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--cases", "4x50", "--losses", "focal", "--dtypes", "bf16",
+                       "--providers", "triton", "triton-kernel", "eager", "--out", str(tmp_path)]) == 0
+    (table,) = tmp_path.glob("*.txt")
+    assert "speed-up vs eager" in table.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA, native
+
+# Small C, medium C (one row per program), C = 1, the loop path (C > 16384, enough rows), the split path.
+GPU_SHAPES = [(64, 1000, torch.bfloat16), (7, 423, torch.float16), (3, 1, torch.float32), (256, 8142, torch.float32),
+              (300, 20000, torch.bfloat16), (4, 140000, torch.float32)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,c,dtype", GPU_SHAPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gpu_matches_reference(loss_type, n, c, dtype):
+    check(n, c, dtype=dtype, device="cuda", loss_type=loss_type, reduction="mean", gamma=1.7,
+          label_smoothing=0.1 if loss_type == "softmax" else 0.0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,c,dtype", [(64, 1000, torch.bfloat16), (4, 140000, torch.float32)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gpu_inplace(loss_type, n, c, dtype):
+    check(n, c, dtype=dtype, device="cuda", loss_type=loss_type, reduction="sum", gamma=2.0, inplace_backward=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gpu_gamma_and_reductions(loss_type, gamma):
+    for reduction in REDUCTIONS:
+        check(100, 423, dtype=torch.bfloat16, device="cuda", loss_type=loss_type, gamma=gamma, reduction=reduction)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("loss_type,n,c,dtype", [
+    ("softmax", 4096, 8142, torch.float32), ("focal", 4096, 8142, torch.bfloat16),
+    ("sigmoid", 8192, 1000, torch.bfloat16), ("softmax_focal", 8192, 1000, torch.float32),
+    ("softmax", 4096, 128256, torch.bfloat16), ("focal", 4096, 128256, torch.bfloat16),
+    ("softmax_focal", 8, 256000, torch.bfloat16), ("focal", 8, 256000, torch.float32)])
+def test_gpu_large(loss_type, n, c, dtype):
+    check(n, c, dtype=dtype, device="cuda", loss_type=loss_type, reduction="mean", gamma=0.5)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_float64_and_gradcheck():
+    check(16, 300, dtype=torch.float64, device="cuda", loss_type="softmax_focal", gamma=1.7, reduction="sum")
+    z, target, counts = make_inputs(3, 5, torch.float64, device="cuda", seed=1)
+    fn = lambda x: cb.cb_focal(x, target, counts, gamma=1.7, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z.requires_grad_(True),))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_no_sync_side_stream_deterministic():
+    z, target, counts = make_inputs(8, 256000, torch.bfloat16, device="cuda", seed=2)  # the split path
+    w = cb.class_balanced_weights(counts).cuda()
+
+    def step():
+        x = z.clone().requires_grad_(True)
+        cb.cb_softmax_focal(x, target, weight=w, backend="triton").backward()
+        return x.grad
+
+    first = step()  # compiles the kernels
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            again = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(first, again)

@@ -1,0 +1,249 @@
+"""Ahead-of-time build check of the GPU kernels, on any machine (no GPU needed).
+
+Part "triton": compiles every Triton kernel variant the dispatcher can launch (``cbkernels._triton.launch_variants``)
+for each target architecture, prints one line per variant with registers, spill bytes, shared memory and the global
+loads by vector width in the PTX, and fails on a compile error or a spill. A spill is first recompiled with
+``maxnreg`` set to a block's whole register file: ptxas sometimes spills a few bytes by choice to fit more blocks per
+SM; such a spill, gone when every register is allowed, is reported but fails only with ``--strict``. Registers and
+spills come from ``cuobjdump -res-usage`` of the cubin Triton built (a stack frame or local memory can only be
+spills or call frames here). ``align`` is the ALIGN constexpr: the
+elements per vector access the host proved possible (16 bytes' worth when C and row strides allow, 2 for even C such
+as 8142, else 1).
+
+Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--jobs N]``. ``--quick`` compiles only the
+covering subset: per dtype and tile shape, the variants with the most live values (the full set is the default).
+Compiled kernels are cached by Triton (``~/.triton/cache``), so a second run is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_NAMES = {0: "softmax", 1: "sigmoid", 2: "focal", 3: "softmax_focal"}
+GAMMA_NAMES = {0: "-", 1: "0.5", 2: "1", 3: "2", 4: "any"}
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+# ------------------------------------------------------------------------------------------------- triton part
+
+
+VEC = {"bf16": 8, "fp16": 8, "fp32": 4, "fp64": 2}  # elements in 16 bytes
+
+
+def triton_variants(quick: bool) -> list:
+    """Every launchable variant, or a covering subset: per dtype, the variants with the most live values
+    (softmax focal and focal with a general gamma, smoothed softmax, with the gradient) on the tile shapes with the
+    most registers (most rows per program, largest single tile, loop, split, split-finish), and focal for the
+    ALIGN values below 16 bytes (C = 8142, odd C); fp16 (bf16's twin but for conversions) on the largest tile."""
+    from cbkernels._triton import launch_variants
+
+    variants = list(launch_variants())
+    if not quick:
+        return variants
+    heavy = {(3, 4, False), (2, 4, False), (0, 0, True)}
+    single = {}  # (dtype, ALIGN) -> smallest and largest single tile
+    for v in variants:
+        c = v["constexprs"]
+        if c.get("SINGLE_TILE"):
+            lo, hi = single.get((v["dtype"], c["ALIGN"]), (1 << 30, 0))
+            single[(v["dtype"], c["ALIGN"])] = (min(lo, c["BLOCK_C"]), max(hi, c["BLOCK_C"]))
+    keep = []
+    for v in variants:
+        c, dtype = v["constexprs"], v["dtype"]
+        if not c["HAS_GRAD"] or (c["LOSS_TYPE"], c["GAMMA_CASE"], c["HAS_SMOOTHING"]) not in heavy:
+            continue
+        full_width = c["ALIGN"] == VEC[dtype]
+        if v["kernel"] == "cb_loss_split_finish_kernel":
+            ok = full_width and dtype != "fp16"
+        else:
+            lo, hi = single[(dtype, c["ALIGN"])]
+            largest = c["SINGLE_TILE"] and c["BLOCK_C"] == hi
+            most_rows = c["SINGLE_TILE"] and c["BLOCK_C"] == lo
+            loop = not c["SINGLE_TILE"] and not c["SPLIT"]
+            if dtype == "fp16":
+                ok = full_width and largest
+            elif full_width:
+                ok = largest or most_rows or not c["SINGLE_TILE"]
+            else:
+                ok = c["LOSS_TYPE"] == 2 and (largest or loop)
+        if ok:
+            keep.append(v)
+    return keep
+
+
+def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
+    cdt = "fp64" if dtype == "fp64" else "fp32"
+    sig = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
+           "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}",
+           "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "stride_g": "i32", "cols_per_split": "i32"}
+    if kernel_name == "cb_loss_split_finish_kernel":
+        sig["n_splits"] = "i32"
+    sig.update({"ignore_index": "i32", "gamma_hi": "fp32", "gamma_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32"})
+    # What the JIT specialises on: tensors from the caching allocator are 16-byte aligned; a full-width ALIGN is
+    # compiled as for C and row strides that are multiples of 16 (vocabulary sizes such as 32000 or 128256).
+    divisible = ["logits_ptr", "target_ptr", "weight_ptr", "scale_ptr", "loss_ptr", "grad_ptr", "ws_ptr"]
+    if align == VEC[dtype]:
+        divisible += ["n_cols", "stride_z", "stride_g", "cols_per_split"]
+    return sig, divisible
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else name
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack/local bytes of the cubin Triton built, from ``cuobjdump -res-usage``.
+
+    The kernels have no local arrays, calls or printf, so a stack frame or local memory can only hold spills.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        log = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    usage = {key.lower(): int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", log)}
+    return {"regs": usage.get("reg", -1), "spill": usage.get("stack", 0) + usage.get("local", 0)}
+
+
+def _global_loads(ptx: str) -> str:
+    """Global loads by width, widest first, e.g. ``v4.b32x2 b64x1`` (v4.b32 = 128-bit: 8 bf16 or 4 fp32)."""
+    bits = {"8": 8, "16": 16, "32": 32, "64": 64}
+    count = {}
+    for m in re.finditer(r"ld\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.(v\d))?\.([bfsu](\d+))\b", ptx):
+        key = (f"{m.group(1)}." if m.group(1) else "") + "b" + m.group(3)
+        count[key] = count.get(key, 0) + 1
+
+    def width(key):
+        vec = int(key[1]) if key.startswith("v") else 1
+        return vec * bits[key.rsplit("b", 1)[1]]
+
+    return " ".join(f"{k}x{n}" for k, n in sorted(count.items(), key=lambda kv: -width(kv[0]))) or "none"
+
+
+def _compile(kernel, variant: dict, arch: int, maxnreg=None):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = variant["constexprs"]
+    sig, divisible = _signature(variant["kernel"], variant["dtype"], consts["ALIGN"])
+    sig.update({k: "constexpr" for k in consts})
+    names = list(kernel.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    options = {"num_warps": variant["num_warps"]}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_triton_variant(job: tuple) -> dict:
+    """Compile one variant for one architecture (runs in a worker process)."""
+    variant, arch = job
+    from cbkernels import _triton
+
+    kernel = getattr(_triton.kernels(), variant["kernel"])
+    out = dict(variant, arch=arch)
+    t0 = time.time()
+    try:
+        ck = _compile(kernel, variant, arch)
+        out.update(_resource_usage(ck.asm["cubin"]))
+        out["smem"] = int(getattr(ck.metadata, "shared", 0))
+        out["loads"] = _global_loads(ck.asm["ptx"])
+        out["error"] = None
+        if out["spill"]:
+            # ptxas trades a few spilled bytes for occupancy when it may: with the whole register file of one
+            # block allowed (maxnreg), does the kernel still spill? If not, the spill is that trade, not pressure.
+            cap = min(255, 65536 // (32 * variant["num_warps"]))
+            full = _resource_usage(_compile(kernel, variant, arch, maxnreg=cap).asm["cubin"])
+            out["at_cap"] = dict(full, cap=cap)
+    except Exception as e:  # a compile error is a result to report, not a crash of the whole check
+        out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def describe(v: dict) -> str:
+    c = v["constexprs"]
+    if v["kernel"] == "cb_loss_split_finish_kernel":
+        path = f"split-finish splits<={c['MAX_SPLITS']}"
+    elif c["SPLIT"]:
+        path = "split"
+    elif c["SINGLE_TILE"]:
+        path = "single"
+    else:
+        path = "loop"
+    loss = LOSS_NAMES[c["LOSS_TYPE"]] + ("+ls" if c["HAS_SMOOTHING"] else "")
+    return (f"sm_{v['arch']} {v['dtype']:4} align={c['ALIGN']} {loss:13} "
+            f"g={GAMMA_NAMES[c['GAMMA_CASE']]:3} "
+            f"{'grad' if c['HAS_GRAD'] else 'loss':4} {path:6} rows={c.get('ROWS', 1):<3} "
+            f"block={c['BLOCK_C']:<5} warps={v['num_warps']:<2}")
+
+
+def check_triton(archs: list, quick: bool, jobs: int, strict: bool) -> bool:
+    try:
+        import triton
+    except ImportError:
+        print("triton: not installed, skipped")
+        return True
+    variants = triton_variants(quick)
+    work = [(v, arch) for arch in archs for v in variants]
+    print(f"triton {triton.__version__}: {len(work)} variants ({len(variants)} per architecture, "
+          f"{'quick' if quick else 'full'} set), {jobs} worker(s)", flush=True)
+    ok, traded = True, 0
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for r in pool.map(compile_triton_variant, work, chunksize=4):
+            if r["error"]:
+                ok = False
+                print(f"{describe(r)}: COMPILE ERROR {r['error']}", flush=True)
+                continue
+            note = ""
+            if r["spill"]:
+                cap = r["at_cap"]
+                if cap["spill"] or strict:
+                    ok = False
+                    note = f"  SPILL ({cap['spill']} B with maxnreg {cap['cap']})"
+                else:
+                    traded += 1
+                    note = f"  (ptxas occupancy trade: 0 B spill at {cap['regs']} regs with maxnreg {cap['cap']})"
+            print(f"{describe(r)}: regs {r['regs']:3} spill {r['spill']:3} B smem {r['smem']:5} B "
+                  f"ld.global {r['loads']}{note}", flush=True)
+    if traded:
+        print(f"triton: {traded} variant(s) where ptxas spilled a few bytes to raise occupancy (no spill when "
+              "allowed every register; --strict fails on them)")
+    print(f"triton: {'OK' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
+    parser.add_argument("--quick", action="store_true", help="a covering subset of the variants")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail on spills that ptxas makes by choice, trading them for occupancy")
+    args = parser.parse_args(argv)
+    # Compile for real even if the caller's environment asks for the Triton interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 3.6 default
+    sys.path.insert(0, str(ROOT))
+    ok = check_triton(args.arch, args.quick, args.jobs, args.strict)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
