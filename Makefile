@@ -29,6 +29,7 @@ lint: setup
 
 gpu-build-check: setup
 	$(PY) tools/gpu_build_check.py
+	if command -v nvcc >/dev/null || test -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"; then $(PY) tools/nvcc_build_check.py; fi
 
 clean:
 	rm -rf build *.egg-info cbkernels/*.so $(VENV)/.installed

@@ -1,0 +1,212 @@
+// Device-only helpers of the CUDA kernels: storage types, the fast math policy that instantiates
+// cb_math.h's per-element templates in float, and the per-row softmax epilogue. Torch-free.
+//
+// The hot loops call hardware approximations explicitly (ex2.approx, rcp via __fdividef, sqrt.approx),
+// so their cost and accuracy do not depend on whether the build passes --use_fast_math.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../cb_math.h"
+
+namespace cbkernels::gpu {
+
+#define CB_DEVICE __device__ __forceinline__
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The host branches only serve the CPU emulation of the kernels in tests/cuda_emu.
+CB_DEVICE float ex2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+CB_DEVICE float sqrt_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return sqrtf(x);
+#endif
+}
+
+// log1p(x) for x in [0, 1], the only range sigmoid_terms needs (x = exp(-|v|)): x P(x) with P a degree-8
+// minimax fit of log1p(x) / x, within 4 ulp everywhere, tiny x included (where log(1 + x) from the hardware
+// lg2, absolute error ~2^-22, would lose most digits). Nine FMA-pipe instructions and no MUFU op: the sigmoid
+// losses on 16-bit logits are near the MUFU throughput limit already.
+CB_DEVICE float log1p_unit(float x) {
+  float p = 0.005232635885f;
+  p = fmaf(p, x, -0.029504921287f);
+  p = fmaf(p, x, 0.078225269913f);
+  p = fmaf(p, x, -0.136631712317f);
+  p = fmaf(p, x, 0.191059619188f);
+  p = fmaf(p, x, -0.248429670929f);
+  p = fmaf(p, x, 0.333190947771f);
+  p = fmaf(p, x, -0.499994933605f);
+  p = fmaf(p, x, 0.999999940395f);
+  return x * p;
+}
+
+// cb_math.h math policy for float on the GPU: one MUFU op per transcendental (the policy contract asks for
+// exp on x <= 0 and log1p on [0, 1] only).
+struct FastMathF32 {
+  using V = float;
+  static CB_DEVICE float exp_nonpos(float x) { return __expf(x); }
+  static CB_DEVICE float log1p_unit(float x) { return gpu::log1p_unit(x); }
+  static CB_DEVICE float sqrt(float x) { return sqrt_approx(x); }
+  static CB_DEVICE float abs(float x) { return fabsf(x); }
+  static CB_DEVICE float recip(float x) { return __fdividef(1.0f, x); }
+  static CB_DEVICE float relu(float x) { return x > 0.0f ? x : 0.0f; }
+  static CB_DEVICE float select_nonneg(float v, float if_nonneg, float if_neg) { return v >= 0.0f ? if_nonneg : if_neg; }
+};
+
+template <typename A> struct ElemMath;
+template <> struct ElemMath<float> { using type = FastMathF32; };
+template <> struct ElemMath<double> { using type = ScalarMath<double>; };  // float64 stays exact: no approximations
+
+// exp(x - m) for every element of a row with max m: in float one FFMA and one ex2 per element. The
+// rounding of m log2(e) scales every exp by the same factor, which cancels in p = e / sum and s_other / e_y.
+template <typename A> struct ShiftedExp;
+template <> struct ShiftedExp<float> {
+  float neg_shift;
+  CB_DEVICE explicit ShiftedExp(float m) : neg_shift(-m * kLog2e) {}
+  CB_DEVICE float operator()(float x) const { return ex2_approx(fmaf(x, kLog2e, neg_shift)); }
+};
+template <> struct ShiftedExp<double> {
+  double m;
+  CB_DEVICE explicit ShiftedExp(double m_) : m(m_) {}
+  CB_DEVICE double operator()(double x) const { return ::exp(x - m); }
+};
+
+// A max of -inf (no finite logit yet) would make exp(x - m) a NaN for -inf logits: shift by 0 instead.
+template <typename A> CB_DEVICE A finite_or_zero(A m) { return m == -static_cast<A>(INFINITY) ? A(0) : m; }
+
+template <typename To, typename From> CB_DEVICE To bit_cast(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs equal sizes");
+  To out;
+  memcpy(static_cast<void*>(&out), &v, sizeof(To));
+  return out;
+}
+
+// Storage type T of the logits and gradient: its compute type Acc, the elements per 16-byte chunk, and the
+// conversions of a chunk (raw uint4) to and from Acc. The gradient is rounded to T once, from Acc.
+template <typename T> struct Storage;
+
+template <> struct Storage<float> {
+  using Acc = float;
+  static constexpr int kVec = 4;
+  static CB_DEVICE void unpack(const uint4& r, float (&x)[4]) {
+    x[0] = __uint_as_float(r.x);
+    x[1] = __uint_as_float(r.y);
+    x[2] = __uint_as_float(r.z);
+    x[3] = __uint_as_float(r.w);
+  }
+  static CB_DEVICE uint4 pack(const float (&g)[4]) {
+    return make_uint4(__float_as_uint(g[0]), __float_as_uint(g[1]), __float_as_uint(g[2]), __float_as_uint(g[3]));
+  }
+  static CB_DEVICE void store(float* p, float v) { *p = v; }
+};
+
+template <> struct Storage<double> {
+  using Acc = double;
+  static constexpr int kVec = 2;
+  static CB_DEVICE void unpack(const uint4& r, double (&x)[2]) {
+    x[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
+    x[1] = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
+  }
+  static CB_DEVICE uint4 pack(const double (&g)[2]) {
+    return make_uint4(static_cast<unsigned>(__double2loint(g[0])), static_cast<unsigned>(__double2hiint(g[0])),
+                      static_cast<unsigned>(__double2loint(g[1])), static_cast<unsigned>(__double2hiint(g[1])));
+  }
+  static CB_DEVICE void store(double* p, double v) { *p = v; }
+};
+
+template <> struct Storage<__nv_bfloat16> {
+  using Acc = float;
+  static constexpr int kVec = 8;
+  // A bfloat16 is the high half of a float: widening is a shift or a mask.
+  static CB_DEVICE void unpack(const uint4& r, float (&x)[8]) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static CB_DEVICE uint4 pack(const float (&g)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bit_cast<unsigned>(__floats2bfloat162_rn(g[2 * i], g[2 * i + 1]));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  static CB_DEVICE void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+
+template <> struct Storage<__half> {
+  using Acc = float;
+  static constexpr int kVec = 8;
+  static CB_DEVICE void unpack(const uint4& r, float (&x)[8]) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(bit_cast<__half2>(w[i]));
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  static CB_DEVICE uint4 pack(const float (&g)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bit_cast<unsigned>(__floats2half2_rn(g[2 * i], g[2 * i + 1]));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  static CB_DEVICE void store(__half* p, float v) { *p = __float2half_rn(v); }
+};
+
+// Per-row epilogue of the softmax losses (SPEC sections 3-4) from the row statistics relative to the row
+// max m (already passed through finite_or_zero): s_other = sum_{j != y} e_j, e_y, dist = sum_j (m - z_j)
+// and the target logit z_y. The gradient is g_j = k1 e_j - k0 for j != y and g_y at the target.
+template <typename A> struct SoftmaxRow {
+  A loss;  // a_i l_i
+  A k1;
+  A k0;
+  A gy;
+};
+
+template <typename A>
+CB_DEVICE SoftmaxRow<A> softmax_row(A m, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes, A eps,
+                                    A gamma, GammaKind gk, bool focal) {
+  const A sum = s_other + ey;
+  const A nll = softmax_nll(m, zy, ey, s_other);
+  A row_loss = nll, coef = A(1);
+  if (focal) {
+    A mod;
+    softmax_focal_row(nll, gamma, gk, mod, coef);
+    row_loss = mod * nll;
+  } else if (eps != A(0)) {
+    // (eps/C) sum_j (lse - z_j) = eps (lse - mean_j z_j) = eps (L + mean_j (m - z_j) - (m - z_y)), with L the
+    // accurate nll: no log(sum), whose float exps carry a common factor 2^(m log2(e) - fl(m log2(e))) that
+    // only cancels in ratios; exactly 0 for C = 1.
+    row_loss = (A(1) - eps) * nll + eps * (nll + dist / num_classes - (m - zy));
+  }
+  const A k = a * scale * coef;
+  SoftmaxRow<A> r;
+  r.loss = a * row_loss;
+  r.k1 = k / sum;
+  r.k0 = k * eps / num_classes;
+  // p_y - q_y = eps (1 - 1/C) - (1 - p_y), with 1 - p_y = s_other / sum formed without cancellation.
+  r.gy = k * (eps * (A(1) - A(1) / num_classes) - s_other / sum);
+  return r;
+}
+
+}  // namespace cbkernels::gpu

@@ -1,0 +1,435 @@
+"""The CUDA C++ backend (``backend="cuda"``) on a GPU (SPEC sections 2-7).
+
+Against the float64 reference (tests/conftest.py's tolerance rule): every loss, reduction, focal exponent,
+label smoothing, odd and realistic shapes, every storage dtype, strided rows, in place; every kernel path forced
+on small shapes through the testing op ``cbkernels::_cb_loss_fwd_cuda_forced_plan``; large shapes against the
+memory-lean torch backend in float64; agreement with the Triton backend (close, not bitwise: the two evaluate
+the same formulas with different approximations and summation orders); determinism; CUDA graph capture and
+replay of forward + backward through the public API; opcheck and torch.compile; a bad target failing a
+device-side assert (in a child process: the assert poisons the CUDA context).
+
+Every test is marked gpu and skips without a CUDA device or without the compiled CUDA kernels (a CUDA build of
+torch, a CUDA toolkit, then ``pip install --no-build-isolation -e .``). tests/test_cuda_emulated.py runs the
+same kernels' logic on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import LOSS_TYPES, REDUCTIONS, assert_matches, make_inputs, run_loss
+
+import cbkernels as cb
+
+DEV = "cuda"
+BACKEND = "cuda"
+HAS_CUDA_OPS = torch.cuda.is_available() and "cuda" in cb.available_backends()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs a CUDA device and the compiled CUDA kernels")]
+
+LOSS_IDS = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
+GAMMAS = (0.0, 0.5, 1.0, 2.0, 1.7)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (path, threads_per_row, splits) of the testing op: path 1 rows (softmax losses only), 2 stream; 0 = automatic.
+PLANS = [(0, 0, 0), (1, 1, 0), (1, 4, 0), (1, 32, 0), (1, 64, 0), (1, 96, 0), (2, 2, 1), (2, 32, 1), (2, 64, 1),
+         (2, 64, 3), (2, 256, 2)]
+
+
+def _forced(logits, target, weight, scale, loss_type, gamma, eps, ignore_index, compute_grad, path, tpr, splits):
+    return torch.ops.cbkernels._cb_loss_fwd_cuda_forced_plan(logits, target, weight, scale, loss_type, gamma, eps,
+                                                              ignore_index, compute_grad, path, tpr, splits)
+
+
+def _kw(loss_type, gamma=0.5, eps=0.0):
+    kw = {"gamma": gamma} if "focal" in loss_type else {}
+    if eps:
+        kw["label_smoothing"] = eps
+    return kw
+
+
+def _check(loss_type, shape, dtype, reduction, *, gamma=0.5, eps=0.0, seed=0, target_dtype=torch.int64,
+           view=None, inplace=False):
+    logits, target, counts = make_inputs(*shape, dtype=dtype, seed=seed, device=DEV, target_dtype=target_dtype)
+    if view is not None:
+        logits = view(logits)
+    w = cb.class_balanced_weights(counts, beta=0.999).to(DEV)
+    kw = _kw(loss_type, gamma, eps)
+
+    def fn(z, t, **k):
+        return cb.class_balanced_loss(z, t, loss_type=loss_type, weight=w, backend=BACKEND, inplace_backward=inplace,
+                                      **kw, **k)
+
+    loss, grad = run_loss(fn, logits, target, reduction=reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
+    assert_matches(loss, grad, logits, target, w, loss_type=loss_type, reduction=reduction, gamma=gamma,
+                   label_smoothing=eps)
+
+
+def _misaligned_rows(z):
+    """The same values as a view whose rows start at odd offsets (row stride C + 3, first column at 1)."""
+    n, c = z.shape
+    wide = torch.full((n, c + 3), 7.0, dtype=z.dtype, device=z.device)
+    wide[:, 1:c + 1] = z
+    return wide[:, 1:c + 1]
+
+
+def _column_strided(z):
+    return z.t().contiguous().t()
+
+
+def _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, what=""):
+    """Per-row losses within float32 rtol; gradients within one rounding to ``dtype`` plus a float32 floor."""
+    loss, grad = loss.double(), grad.double()
+    lscale = max(ref_loss.abs().max().item(), 1e-6) if ref_loss.numel() else 1.0
+    gscale = max(ref_grad.abs().max().item(), 1e-6) if ref_grad.numel() else 1.0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6 * lscale, msg=f"loss {what}")
+    rel = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 1e-12}[dtype]
+    err = (grad - ref_grad).abs()
+    excess = (err - rel * ref_grad.abs() - 1e-6 * gscale).max().item() if err.numel() else -1.0
+    assert excess <= 0, f"grad {what}: error exceeds one {dtype} rounding by {excess:.3g} (scale {gscale:.3g})"
+
+
+def _torch_reference(logits, target, weight, scale, loss_type, gamma, eps, ignore_index=-100):
+    """Per-row loss and scale * dl/dz from the torch backend in float64 (chunked: fine for large shapes)."""
+    from cbkernels._torch_backend import forward
+
+    return forward(logits.double(), target, weight, scale.double(), loss_type, gamma, eps, ignore_index, True)
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+
+def test_ops_registered_for_cuda():
+    from cbkernels import _ops  # noqa: F401
+
+    ops = ("cbkernels::cb_loss_fwd", "cbkernels::cb_loss_fwd_inplace", "cbkernels::_cb_loss_fwd_cuda_forced_plan")
+    for name in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+    assert cb._backends.resolve_backend("cuda", torch.device("cuda")).name == "cuda"
+
+
+# ------------------------------------------------------------------------------ accuracy, public API
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 1), (33, 7), (9, 423), (4, 1025), (0, 3)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_odd_shapes(loss_type, shape, dtype, reduction):
+    _check(loss_type, shape, dtype, reduction, seed=sum(shape), target_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("shape", [(7, 423), (3, 1025), (33, 7)])
+def test_float64(loss_type, shape):
+    _check(loss_type, shape, torch.float64, "sum", gamma=1.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(256, 8142), (1024, 1000)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_realistic_shapes(loss_type, shape, dtype):
+    _check(loss_type, shape, dtype, "mean", seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("loss_type", ["focal", "softmax_focal"])
+def test_gammas(loss_type, gamma, dtype):
+    _check(loss_type, (33, 517), dtype, "none", gamma=gamma, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(31, 1025), (9, 1), (40, 7)])
+@pytest.mark.parametrize("eps", [0.05, 0.5, 1.0])
+def test_label_smoothing(eps, shape, dtype):
+    _check("softmax", shape, dtype, "weighted_mean", eps=eps)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", ["misaligned_rows", "column_strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_strided_logits_and_in_place(loss_type, dtype, layout, inplace):
+    view = _misaligned_rows if layout == "misaligned_rows" else _column_strided
+    _check(loss_type, (37, 423), dtype, "mean", gamma=1.7, view=view, inplace=inplace)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_inplace_matches_out_of_place_bitwise(loss_type, dtype):
+    from cbkernels import _ops
+
+    for shape in ((23, 130), (5, 20000)):  # a rows / stream shape, and a split one
+        logits, target, counts = make_inputs(*shape, dtype=dtype, seed=4, device=DEV)
+        w = cb.class_balanced_weights(counts).to(DEV)
+        scale = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
+        args = (target, w, scale, LOSS_IDS[loss_type], 1.7, 0.0, -100)
+        loss, grad = _ops.forward(logits, *args, True)
+        loss_nograd, empty = _ops.forward(logits, *args, False)
+        assert empty.shape == (0,) and torch.equal(loss, loss_nograd)
+        assert grad.dtype == dtype and grad.is_contiguous()
+        wide = torch.full((shape[0], shape[1] + 20), 7.0, dtype=dtype, device=DEV)
+        wide[:, 5:5 + shape[1]] = logits
+        for buf, view in ((wide, wide[:, 5:5 + shape[1]]), (None, _column_strided(logits))):
+            loss_ip = _ops.forward_inplace(view, *args)
+            assert torch.equal(loss_ip, loss) and torch.equal(view, grad)
+            if buf is not None:  # columns outside the view are untouched
+                assert (buf[:, :5] == 7).all() and (buf[:, 5 + shape[1]:] == 7).all()
+
+
+# ------------------------------------------------------------------------------------ every kernel path
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("loss_type,gamma,eps", [("softmax", 0.0, 0.0), ("softmax", 0.0, 0.1), ("sigmoid", 0.0, 0.0),
+                                                 ("focal", 0.5, 0.0), ("focal", 1.0, 0.0), ("focal", 2.0, 0.0),
+                                                 ("focal", 1.7, 0.0), ("softmax_focal", 0.5, 0.0),
+                                                 ("softmax_focal", 1.7, 0.0)])
+def test_every_kernel_path(loss_type, gamma, eps, dtype):
+    ran = 0
+    for n, c in ((9, 1), (13, 7), (6, 37), (4, 423), (2, 1025)):
+        logits, target, counts = make_inputs(n, c, dtype=dtype, seed=n * c, device=DEV, target_dtype=torch.int32)
+        for z in (logits, _misaligned_rows(logits)):
+            w = cb.class_balanced_weights(counts).to(DEV)
+            scale = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
+            ref_loss, ref_grad = _torch_reference(z, target.long(), w, scale, LOSS_IDS[loss_type], gamma, eps)
+            for path, tpr, splits in PLANS:
+                try:
+                    loss, grad = _forced(z, target, w, scale, LOSS_IDS[loss_type], gamma, eps, -100, True, path, tpr,
+                                         splits)
+                except RuntimeError as e:  # the forced shape cannot hold this row
+                    assert "invalid argument" in str(e)
+                    continue
+                _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, f"{n}x{c} plan {(path, tpr, splits)}")
+                ran += 1
+    assert ran >= 60
+
+
+# ------------------------------------------------------------------------------------------- large shapes
+
+
+@pytest.mark.parametrize("shape,dtype", [((4096, 8142), torch.float32), ((4096, 8142), torch.bfloat16),
+                                         ((8192, 1000), torch.float32), ((8192, 1000), torch.bfloat16),
+                                         ((2048, 32000), torch.bfloat16), ((4096, 128256), torch.bfloat16),
+                                         ((8, 256000), torch.float32), ((8, 256000), torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("loss_type", ["softmax", "focal", "softmax_focal"])
+def test_large_shapes(loss_type, shape, dtype):
+    logits, target, counts = make_inputs(*shape, dtype=dtype, seed=2, device=DEV)
+    w = cb.class_balanced_weights(counts, beta=0.9999).to(DEV)
+    scale = torch.tensor(1.0 / shape[0], device=DEV)
+    lt, gamma = LOSS_IDS[loss_type], 1.7 if loss_type == "focal" else 0.5
+    from cbkernels import _ops
+
+    loss, grad = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, True)
+    again = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, True)
+    assert torch.equal(loss, again[0]) and torch.equal(grad, again[1])  # deterministic
+    del again
+    ref_loss, ref_grad = _torch_reference(logits, target, w, scale, lt, gamma, 0.0)
+    _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, str(shape))
+    del ref_grad
+    ip = logits.clone()
+    loss_ip = _ops.forward_inplace(ip, target, w, scale, lt, gamma, 0.0, -100)
+    assert torch.equal(loss_ip, loss) and torch.equal(ip, grad)
+
+
+def test_sigmoid_large_shapes():
+    for shape, dtype in (((4096, 8142), torch.bfloat16), ((8, 256000), torch.float32)):
+        logits, target, counts = make_inputs(*shape, dtype=dtype, seed=3, device=DEV)
+        w = cb.class_balanced_weights(counts).to(DEV)
+        scale = torch.tensor(1.0 / shape[0], device=DEV)
+        from cbkernels import _ops
+
+        loss, grad = _ops.forward(logits, target, w, scale, 1, 0.0, 0.0, -100, True)
+        ref_loss, ref_grad = _torch_reference(logits, target, w, scale, 1, 0.0, 0.0)
+        _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, str(shape))
+
+
+# ------------------------------------------------------------------------------------ against Triton
+
+
+@pytest.mark.skipif("triton" not in cb.available_backends(), reason="triton backend not available")
+@pytest.mark.parametrize("shape", [(256, 8142), (1024, 1000), (64, 32000), (8, 256000), (333, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_agrees_with_triton(loss_type, dtype, shape):
+    logits, target, counts = make_inputs(*shape, dtype=dtype, seed=8, device=DEV)
+    w = cb.class_balanced_weights(counts).to(DEV)
+    kw = _kw(loss_type, 1.7, 0.1 if loss_type == "softmax" else 0.0)
+    out = {}
+    for backend in ("cuda", "triton"):
+        out[backend] = run_loss(lambda z, t, **k: cb.class_balanced_loss(z, t, loss_type=loss_type, weight=w,
+                                                                          backend=backend, **kw, **k),
+                                logits, target, reduction="none")
+    (a, ga), (b, gb) = out["cuda"], out["triton"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    gscale = gb.double().abs().max().item()
+    rel = 2.0**-22 if dtype == torch.float32 else 2.0**-7  # bf16: one rounding apart at most
+    err = (ga.double() - gb.double()).abs()
+    assert (err <= rel * gb.double().abs() + 2e-6 * gscale).all()
+
+
+# ------------------------------------------------------------------------------ CUDA graphs, no host sync
+
+
+@pytest.mark.parametrize("shape", [(512, 1000), (8, 256000)])
+@pytest.mark.parametrize("loss_type", ["softmax", "focal"])
+def test_cuda_graph_capture_and_replay(loss_type, shape):
+    n, c = shape
+    logits, target, counts = make_inputs(n, c, seed=11, device=DEV)
+    w = cb.class_balanced_weights(counts).to(DEV)
+    kw = _kw(loss_type, 0.5)
+    static_z = logits.clone().requires_grad_(True)
+    static_t = target.clone()
+
+    def step():
+        loss = cb.class_balanced_loss(static_z, static_t, loss_type=loss_type, weight=w, backend=BACKEND, **kw)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (allocator, lazy init)
+        for _ in range(2):
+            static_z.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_z.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    for seed in (21, 22):
+        new_z, new_t, _ = make_inputs(n, c, seed=seed, device=DEV)
+        with torch.no_grad():
+            static_z.copy_(new_z)
+        static_t.copy_(new_t)
+        graph.replay()
+        eager_loss, eager_grad = run_loss(lambda z, t: cb.class_balanced_loss(z, t, loss_type=loss_type, weight=w,
+                                                                              backend=BACKEND, **kw), new_z, new_t)
+        torch.testing.assert_close(static_loss.detach(), eager_loss, rtol=0, atol=0)
+        torch.testing.assert_close(static_z.grad, eager_grad, rtol=0, atol=0)
+
+
+def test_no_host_sync_in_forward_and_backward():
+    logits, target, counts = make_inputs(256, 8142, seed=12, device=DEV)
+    w = cb.class_balanced_weights(counts).to(DEV)
+    z = logits.clone().requires_grad_(True)
+    cb.cb_focal(z, target, weight=w, backend=BACKEND).backward()  # warm up: lazy init may sync
+    torch.cuda.synchronize()
+    z.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss_type in LOSS_TYPES:
+            cb.class_balanced_loss(z, target, loss_type=loss_type, weight=w, backend=BACKEND).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------- op contract, compile, asserts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_opcheck(loss_type, dtype):
+    logits, target, counts = make_inputs(9, 37, dtype=dtype, seed=1, device=DEV)
+    w = cb.class_balanced_weights(counts).to(DEV)
+    scale = torch.tensor(0.25, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
+    rest = (target, w, scale, LOSS_IDS[loss_type], 0.5, 0.1 if loss_type == "softmax" else 0.0, -100)
+    for compute_grad in (True, False):
+        torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd.default, (logits, *rest, compute_grad))
+    torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace.default, (logits.clone(), *rest))
+    torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace.default, (_column_strided(logits), *rest))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_torch_compile_fullgraph(loss_type):
+    logits, target, counts = make_inputs(37, 211, seed=3, device=DEV)
+    w = cb.class_balanced_weights(counts).to(DEV)
+
+    def f(z, t):
+        return cb.class_balanced_loss(z, t, loss_type=loss_type, weight=w, backend=BACKEND, **_kw(loss_type))
+
+    eager = run_loss(f, logits, target)
+    compiled = run_loss(torch.compile(f, fullgraph=True), logits, target)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_and_masked_logits(loss_type, dtype):
+    logits, target, _ = make_inputs(8, 50, dtype=dtype, ignore_frac=0, seed=6, device=DEV)
+    logits[1, 7] = float("nan")
+    target[4] = -100
+    logits[4, :] = float("nan")
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    masked[6, (target[6] + 1) % 50:] = True  # -inf logits: classes masked out
+    masked[6, target[6]] = False
+    logits[masked] = float("-inf")
+    z = logits.clone().requires_grad_(True)
+    loss = cb.class_balanced_loss(z, target, loss_type=loss_type, reduction="none", backend=BACKEND,
+                                  **_kw(loss_type))
+    loss.sum().backward()
+    assert torch.isnan(loss[1])
+    nan_grad = torch.isnan(z.grad[1])
+    assert nan_grad.all() if loss_type.startswith("softmax") else (nan_grad.nonzero().flatten().tolist() == [7])
+    assert loss[4] == 0 and (z.grad[4] == 0).all()
+    keep = torch.tensor([0, 2, 3, 5, 6, 7], device=DEV)
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(z.grad[keep]).all()
+    assert (z.grad[6][masked[6]] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_confident_rows_keep_relative_precision(loss_type):
+    # Target logit far above the rest: tiny per-row losses must not cancel to 0 or lose digits.
+    n, c = 64, 300
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, c, generator=g)
+    target = torch.randint(0, c, (n,), generator=g)
+    logits[torch.arange(n), target] = torch.linspace(5.0, 40.0, n)
+    logits[torch.arange(n), (target + 1) % c] = -torch.linspace(5.0, 40.0, n)
+    z64 = logits.double()
+    for gamma in (0.0, 0.5, 2.0, 1.7):
+        ours = cb.class_balanced_loss(logits.to(DEV), target.to(DEV), loss_type=loss_type, reduction="none",
+                                      backend=BACKEND, **_kw(loss_type, gamma)).double().cpu()
+        if loss_type.startswith("softmax"):
+            zy = z64.gather(1, target[:, None])
+            others = torch.ones_like(z64, dtype=torch.bool).scatter_(1, target[:, None], False)
+            nll = torch.log1p(torch.where(others, torch.exp(z64 - zy), 0.0).sum(1))
+            ref = nll if loss_type == "softmax" else (-torch.expm1(-nll)) ** gamma * nll
+        else:
+            ref = cb.reference.reference_loss(z64, target, None, loss_type=loss_type, reduction="none", gamma=gamma)
+        assert (ref > 0).all()
+        torch.testing.assert_close(ours, ref, rtol=2e-5, atol=1e-37)
+
+
+_BAD_TARGET = textwrap.dedent("""
+    import torch
+    import cbkernels as cb
+    from cbkernels import _ops
+    z = torch.randn(64, 10, device="cuda")
+    t = torch.randint(0, 10, (64,), device="cuda")
+    t[17] = {value}
+    if {direct}:
+        _ops.forward(z, t, torch.ones(10, device="cuda"), torch.ones((), device="cuda"), 2, 0.5, 0.0, -100, True)
+    else:
+        cb.cb_focal(z, t, backend="cuda").item()
+    torch.cuda.synchronize()
+    print("no error")
+""")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["kernel", "public_api"])
+@pytest.mark.parametrize("value", [10, -1, 1 << 40])
+def test_bad_target_fails_device_assert(value, direct):
+    code = _BAD_TARGET.format(value=value, direct=direct)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "no error" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "device-side assert" in proc.stderr or "target outside" in proc.stderr, proc.stderr[-2000:]
