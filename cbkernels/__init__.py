@@ -8,6 +8,7 @@ import sys as _sys
 
 from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch custom ops)
 from ._backends import available_backends
+from .linear_loss import LinearClassBalancedLoss, linear_cb_loss
 from .losses import (
     ClassBalancedLoss,
     cb_focal,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassBalancedLoss",
+    "LinearClassBalancedLoss",
     "available_backends",
     "beta_from_num_samples",
     "cb_focal",
@@ -31,11 +33,12 @@ __all__ = [
     "class_balanced_loss",
     "class_balanced_weights",
     "effective_number",
+    "linear_cb_loss",
 ]
 
 # `import cbkernels.cb_focal` works and leaves `cbkernels.cb_focal` the function: the import system
 # finds the name in sys.modules and binds it on the package as it is.
 for _name in ("cb_focal", "cb_softmax_cross_entropy", "cb_sigmoid_cross_entropy", "cb_softmax_focal",
-              "class_balanced_loss"):
+              "class_balanced_loss", "linear_cb_loss"):
     _sys.modules[f"{__name__}.{_name}"] = globals()[_name]
 del _name

@@ -1,0 +1,359 @@
+"""Benchmark: linear + class-balanced loss without the logits (``cbkernels.linear_loss``) vs materialising them.
+
+    python benchmarks/bench_linear_loss.py            # fp32 CPU, N=2048, H=1024, V=32768
+    python benchmarks/bench_linear_loss.py --quick    # small shape, seconds
+    python benchmarks/bench_linear_loss.py --device cuda   # bf16, N=8192, H=4096, V=128256 (skipped on CPU)
+
+Providers, forward + backward of the mean loss with respect to ``hidden`` and ``lm_weight`` (no bias):
+
+- ``ours``: ``linear_cb_loss(hidden, lm_weight, target, weight=w, loss_type=...)``, default chunking.
+- ``naive``: ``F.linear`` then ``cbkernels.reference.naive_cb_loss`` (what users write today).
+- ``linear_cross_entropy``: ``torch.nn.functional.linear_cross_entropy(..., weight=w,
+  options=torch.nn.LinearCrossEntropyOptions())`` (its chunked path), softmax only, when this torch has it.
+
+Time: every provider runs in the same process on the same inputs, one untimed warm-up step each, then
+rounds in which every provider steps once, the order rotated per round so that machine noise hits them
+alike; median per provider. Memory: see ``MEMORY_METHOD``. Results: ``<stem>.json`` and ``<stem>.md``
+under ``--out`` (default ``benchmarks/results``), the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+
+LOSSES = ("softmax", "sigmoid", "focal", "softmax_focal")
+SHAPES = {"cpu": (2048, 1024, 32768, "float32"), "quick": (512, 256, 8192, "float32"),
+          "cuda": (8192, 4096, 128256, "bfloat16")}
+HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+MEMORY_METHOD = {
+    "cpu": (
+        "each provider in its own subprocess: build the inputs, one untimed warm-up step (one-time "
+        "allocations of thread pools and libraries do not count), then one step recorded by "
+        "torch.profiler(profile_memory=True). peak = highest level of c10 CPU-allocator bytes above the "
+        "start of the step (every tensor, including temporaries inside ops; not BLAS-internal workspaces). "
+        "outputs = bytes of the gradients left in .grad (the loss is negligible). overhead = peak - outputs: "
+        "what the provider needs beyond inputs and outputs. rss = cross-check, the process's VmHWM above "
+        "its RSS at the start of the step (high-water mark reset through /proc/self/clear_refs); it sees "
+        "everything but also memory the C allocator keeps after a free."
+    ),
+    "cuda": (
+        "in process, per provider: torch.cuda.reset_peak_memory_stats, one step, "
+        "torch.cuda.max_memory_allocated minus the level before the step (exact allocator counts; the "
+        "CUDA caching allocator makes a subprocess unnecessary). outputs and overhead as on CPU."
+    ),
+}
+
+
+def long_tailed_counts(classes: int, imbalance: float = 100.0, n_max: int = 1000) -> torch.Tensor:
+    c = torch.arange(classes, dtype=torch.float64)
+    return (n_max * imbalance ** (-c / max(classes - 1, 1))).round().clamp(min=1)
+
+
+def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """hidden ``[N, H]`` and lm_weight ``[V, H]`` leaves (logits of std ~2), long-tailed targets, weights."""
+    from cbkernels import class_balanced_weights
+
+    g = torch.Generator().manual_seed(seed)
+    counts = long_tailed_counts(v)
+    target = torch.multinomial(counts, n, replacement=True, generator=g)
+    hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(device=device, dtype=dtype).requires_grad_(True)
+    w = class_balanced_weights(counts, beta=0.999).to(device)
+    return hidden, weight, target.to(device), w
+
+
+def providers_for(loss: str) -> List[str]:
+    names = ["ours", "naive"]
+    if loss == "softmax" and HAS_LCE:
+        names.append("linear_cross_entropy")
+    return names
+
+
+def make_step(name: str, loss: str, gamma: float, hidden, lm_weight, target, w) -> Callable[[], None]:
+    from cbkernels.linear_loss import linear_cb_loss
+    from cbkernels.reference import naive_cb_loss
+
+    if name == "ours":
+        return lambda: linear_cb_loss(hidden, lm_weight, target, weight=w, loss_type=loss, gamma=gamma).backward()
+    if name == "naive":
+        return lambda: naive_cb_loss(F.linear(hidden, lm_weight), target, w.to(hidden.dtype), loss_type=loss,
+                                     gamma=gamma).backward()
+    if name == "linear_cross_entropy":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        wd = w.to(hidden.dtype)
+        return lambda: F.linear_cross_entropy(hidden, lm_weight, target, weight=wd, options=opts).backward()
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def _zero(*leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _vm(field: str) -> Optional[int]:
+    try:
+        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _profiled_peak(run: Callable[[], None]) -> int:
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    level = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
+def measure_memory(name: str, loss: str, gamma: float, shape, device: str) -> Dict[str, Optional[int]]:
+    n, h, v, dt = shape
+    hidden, lm_weight, target, w = make_inputs(n, h, v, getattr(torch, dt), device)
+    step = make_step(name, loss, gamma, hidden, lm_weight, target, w)
+    step()
+    _zero(hidden, lm_weight)
+    gc.collect()
+    _sync(device)
+    rss = None
+    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        start = _vm("VmRSS") if _reset_hwm() else None
+        peak = _profiled_peak(step)
+        if start is not None:
+            rss = _vm("VmHWM") - start
+    outputs = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, lm_weight) if t.grad is not None)
+    return {"peak_bytes": int(peak), "output_bytes": int(outputs), "overhead_bytes": int(peak - outputs),
+            "rss_peak_bytes": rss}
+
+
+def memory_in_subprocess(name: str, loss: str, gamma: float, shape, device: str, threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", json.dumps(
+        {"name": name, "loss": loss, "gamma": gamma, "shape": list(shape), "device": device, "threads": threads})]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time
+
+
+def measure_time(names: List[str], loss: str, gamma: float, shape, device: str, reps: int) -> Dict[str, List[float]]:
+    n, h, v, dt = shape
+    hidden, lm_weight, target, w = make_inputs(n, h, v, getattr(torch, dt), device)
+    steps = {p: make_step(p, loss, gamma, hidden, lm_weight, target, w) for p in names}
+    times: Dict[str, List[float]] = {p: [] for p in names}
+    for p in names:  # warm-up
+        _zero(hidden, lm_weight)
+        steps[p]()
+    for r in range(reps):
+        for p in names[r % len(names):] + names[: r % len(names)]:
+            _zero(hidden, lm_weight)
+            gc.collect()
+            _sync(device)
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                steps[p]()
+                end.record()
+                end.synchronize()
+                times[p].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                steps[p]()
+                times[p].append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+
+
+def machine(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+        info["load_average_at_start"] = list(os.getloadavg())
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(shape, device: str, losses, reps: int, gamma: float, memory: bool = True) -> dict:
+    threads = torch.get_num_threads()
+    rows = []
+    for loss in losses:
+        names = providers_for(loss)
+        print(f"[{loss}] timing {names} ({reps} rounds) ...", file=sys.stderr, flush=True)
+        times = measure_time(names, loss, gamma, shape, device, reps)
+        mems = {}
+        for p in names:
+            if not memory:
+                mems[p] = {}
+            elif device == "cuda":
+                torch.cuda.empty_cache()
+                mems[p] = measure_memory(p, loss, gamma, shape, device)
+            else:
+                print(f"[{loss}] memory of {p} (subprocess) ...", file=sys.stderr, flush=True)
+                mems[p] = memory_in_subprocess(p, loss, gamma, shape, device, threads)
+        baselines = [statistics.median(times[p]) for p in names if p != "ours"]
+        naive_over = mems["naive"].get("overhead_bytes")
+        for p in names:
+            med = statistics.median(times[p])
+            over = mems[p].get("overhead_bytes")
+            rows.append({"loss": loss, "provider": p, "time_s": med, "times_s": times[p],
+                         "time_vs_best_baseline": med / min(baselines),
+                         "overhead_vs_naive": None if over is None or not naive_over else over / naive_over,
+                         **mems[p]})
+    from cbkernels._backends import resolve_backend
+
+    return {"shape": dict(zip(("N", "H", "V", "dtype"), shape)), "device": device, "reps": reps,
+            "gamma": gamma, "ours_loss_backend": resolve_backend("auto", torch.device(device)).name,
+            "linear_cross_entropy_available": HAS_LCE, "machine": machine(device),
+            "memory_method": MEMORY_METHOD[device], "rows": rows}
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def markdown(result: dict) -> str:
+    s = result["shape"]
+    lines = [f"# linear + class-balanced loss, {result['device']} {s['dtype']}, N={s['N']} H={s['H']} V={s['V']}",
+             "", f"Machine: `{json.dumps(result['machine'])}`", "",
+             f"`ours` runs the `{result['ours_loss_backend']}` loss backend (\"auto\"). "
+             f"Forward + backward (grads of hidden and lm_weight), mean reduction; median of {result['reps']} "
+             "rounds. `x best` = time / the faster of the other providers in the row group. Memory in MiB: "
+             "peak above the inputs; outputs = the gradients; overhead = peak - outputs.", "",
+             "| loss | provider | time (s) | x best | peak | outputs | overhead | overhead / naive | rss peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = "-" if r.get("overhead_vs_naive") is None else f"{r['overhead_vs_naive']:.3f}"
+        lines.append(f"| {r['loss']} | {r['provider']} | {r['time_s']:.3f} | {r['time_vs_best_baseline']:.2f} | "
+                     f"{_mib(r.get('peak_bytes'))} | {_mib(r.get('output_bytes'))} | {_mib(r.get('overhead_bytes'))}"
+                     f" | {ratio} | {_mib(r.get('rss_peak_bytes'))} |")
+    if not result["linear_cross_entropy_available"]:
+        lines += ["", "torch.nn.functional.linear_cross_entropy does not exist in this torch: not benchmarked."]
+    lines += ["", f"Memory method: {result['memory_method']}", ""]
+    return "\n".join(lines)
+
+
+def write(result: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+
+
+def cuda_accuracy_check() -> dict:
+    """Small bf16 case on the GPU against float64: exercises the CUDA matmul/accumulator paths."""
+    from cbkernels import linear_loss
+    from cbkernels.reference import reference_loss
+
+    hidden, w, target, cw = make_inputs(300, 64, 5000, torch.bfloat16, "cuda", seed=1)
+    out = {}
+    for loss in LOSSES:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, w)]
+        linear_loss.linear_cb_loss(*leaves, target, weight=cw, loss_type=loss, chunk_size=64).backward()
+        ref = [t.detach().double().requires_grad_(True) for t in (hidden, w)]
+        reference_loss(F.linear(*ref), target, cw.double(), loss_type=loss, reduction="mean").backward()
+        out[loss] = {k: ((a.grad.double() - b.grad).abs().max() / b.grad.abs().max()).item()
+                     for k, a, b in (("grad_hidden", leaves[0], ref[0]), ("grad_W", leaves[1], ref[1]))}
+    out["cuda_addmm_out_dtype_used"] = linear_loss._CUDA_ADDMM_OUT_DTYPE
+    return out
+
+
+def run_cuda_case(out: Path = ROOT / "benchmarks" / "results", reps: int = 5, losses=("softmax",),
+                  gamma: float = 0.5) -> Optional[dict]:
+    """The bf16 GPU case (N=8192, H=4096, V=128256), for the GPU check script; None without CUDA."""
+    if not torch.cuda.is_available():
+        print("bench_linear_loss: no CUDA device, GPU case skipped", file=sys.stderr)
+        return None
+    result = run(SHAPES["cuda"], "cuda", losses, reps, gamma)
+    result["accuracy_vs_float64_max_rel_err"] = cuda_accuracy_check()
+    write(result, out, "linear_loss_cuda_bf16")
+    return result
+
+
+def main(argv=None) -> Optional[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shape (N=512, H=256, V=8192), 2 rounds")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--losses", default="softmax", help=f"comma-separated from {LOSSES}, or 'all'")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 on CPU, 2 with --quick)")
+    ap.add_argument("--gamma", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_worker:
+        spec = json.loads(args.memory_worker)
+        torch.set_num_threads(spec["threads"])
+        print(json.dumps(measure_memory(spec["name"], spec["loss"], spec["gamma"], spec["shape"], spec["device"])))
+        return None
+    losses = LOSSES if args.losses == "all" else tuple(x.strip() for x in args.losses.split(","))
+    if any(x not in LOSSES for x in losses):
+        ap.error(f"--losses must name losses from {LOSSES}")
+    if args.device == "cuda":
+        return run_cuda_case(args.out, args.reps or 5, losses, args.gamma)
+    shape = SHAPES["quick" if args.quick else "cpu"]
+    result = run(shape, "cpu", losses, args.reps or (2 if args.quick else 3), args.gamma)
+    write(result, args.out, f"linear_loss_cpu_fp32{'_quick' if args.quick else ''}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
