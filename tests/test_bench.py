@@ -1,0 +1,141 @@
+"""Smoke test of the benchmark harness ``cbkernels.bench``: a tiny shape, outputs and memory accounting.
+
+No timing assertions: those belong to the benchmarks, never to the test suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cbkernels import bench
+
+B, C = 16, 100
+GRAD_BYTES = B * C * 4  # float32 logits gradient
+PROVIDERS = ("naive", "F.cross_entropy", "cb:torch")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = bench.main(["--quick", "--shapes", f"{B}x{C}", "--providers", ",".join(PROVIDERS),
+                             "--out", str(out), "--name", "smoke", "--no-progress"])
+    return result, stdout.getvalue(), out
+
+
+def _row(result, loss, provider):
+    (row,) = [r for r in result["rows"] if r["loss"] == loss and r["provider"] == provider]
+    return row
+
+
+def test_table_printed(run):
+    _, text, _ = run
+    for column in bench.TABLE_COLUMNS:
+        assert column in text
+    for name in PROVIDERS + bench.LOSSES:
+        assert name in text
+    assert "smoke.json" in text
+
+
+def test_json_markdown_png_written(run):
+    result, _, out = run
+    saved = json.loads((out / "smoke.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    machine = saved["machine"]
+    for key in ("cpu", "cpu_count", "torch", "backends", "loadavg_start"):
+        assert key in machine
+    assert "torch" in machine["backends"]
+    assert saved["config"]["dtype"] == "float32" and saved["config"]["device"] == "cpu"
+    assert saved["config"]["threads"] == 2
+    assert "profiler" in saved["memory_method"]
+    # F.cross_entropy only for softmax: 4 losses x 2 providers + 1.
+    assert len(saved["rows"]) == 9
+    assert all(r["error"] is None for r in saved["rows"]), [r["error"] for r in saved["rows"]]
+    md = (out / "smoke.md").read_text()
+    # The speed-up summary (one line per case) and every row.
+    assert "| shape | loss | naive ms |" in md and "| shape | loss | provider |" in md
+    assert md.count("\n| 16x100 |") == 4 + 9
+    pytest.importorskip("matplotlib")
+    assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timings_and_speedups(run):
+    result, _, _ = run
+    for r in result["rows"]:
+        assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        naive = _row(result, r["loss"], "naive")["median_ms"]
+        assert r["speedup"] == pytest.approx(naive / r["median_ms"])
+    assert torch.get_num_threads() != 0  # main() restored the thread count it changed
+
+
+@pytest.mark.parametrize("loss", bench.LOSSES)
+def test_torch_backend_keeps_only_the_gradient(run, loss):
+    r = _row(run[0], loss, "cb:torch")
+    assert r["saved_bytes"] == GRAD_BYTES
+    assert GRAD_BYTES <= r["kept_bytes"] <= GRAD_BYTES + 64  # plus the scalar loss
+    assert r["kept_x"] == pytest.approx(1.0, abs=0.02)
+    assert r["peak_bytes"] >= r["kept_bytes"]
+
+
+def test_naive_focal_keeps_several_logits(run):
+    r = _row(run[0], "focal", "naive")
+    assert r["kept_x"] > 4  # one-hot, bce, exp, log1p, modulator, products: about 6x
+    assert r["peak_bytes"] >= r["kept_bytes"] + GRAD_BYTES
+
+
+def test_memory_sees_tensors_kept_outside_save_for_backward():
+    class Stash(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.stash = x * 2  # invisible to saved_tensors_hooks, still held until backward
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return ctx.stash * g
+
+    x = torch.randn(B, C, requires_grad=True)
+    mem = bench.measure_memory(bench.Provider("stash", Stash.apply, ()), x)
+    assert mem["saved_bytes"] == 0
+    assert GRAD_BYTES <= mem["kept_bytes"] <= GRAD_BYTES + 64
+
+
+@pytest.mark.slow
+def test_compiled_provider_is_measured(tmp_path):
+    result = bench.main(["--quick", "--shapes", f"{B}x{C}", "--losses", "sigmoid", "--providers",
+                         "naive,naive+compile", "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    r = _row(result, "sigmoid", "naive+compile")
+    assert r["error"] is None and r["compile_s"] > 0
+    # The compiled backward allocates the logits gradient: proof the allocator trace sees compiled code.
+    assert r["peak_bytes"] >= GRAD_BYTES
+    assert r["kept_bytes"] is not None and r["saved_bytes"] is not None
+
+
+def test_help_explains_every_option():
+    text = bench.build_parser().format_help()
+    for opt in ("--device", "--dtype", "--shapes", "--losses", "--providers", "--threads", "--quick", "--out"):
+        assert opt in text
+
+
+@pytest.mark.parametrize("argv", [["--providers", "nope"], ["--shapes", "huge"], ["--losses", "dice"],
+                                  ["--dtype", "int8"]])
+def test_bad_arguments_exit(argv, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--out", str(tmp_path), "--quick"])
+
+
+def test_import_needs_no_matplotlib_or_triton():
+    # Only what the harness itself adds to ``import cbkernels`` is its business.
+    code = ("import sys, cbkernels; before = set(sys.modules); import cbkernels.bench; "
+            "bad = [m for m in set(sys.modules) - before if m.split('.')[0] in ('matplotlib', 'triton', 'tqdm')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
