@@ -2,7 +2,8 @@
 
 Forward runs the backend once, which returns the per-row loss and, when the logits need it, the
 gradient already multiplied by the reduction's normaliser. Backward only scales that stored gradient
-by ``grad_output`` (in place when ``inplace_backward``).
+by ``grad_output``: in place and handed over to autograd when nothing can read it again (no retain_graph, or
+``inplace_backward``), out of place otherwise.
 """
 
 from __future__ import annotations
@@ -65,16 +66,40 @@ class CBLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grad_output = grad_output.detach()
         go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.reduction == "none" else grad_output
-        if ctx.inplace_backward:
-            # The logits buffer already holds the gradient: scale it where it is (zero extra memory).
-            # A second backward through the same graph then fails autograd's saved-tensor version
-            # check instead of silently scaling twice.
-            grad = grad.mul_(go)
+        if ctx.inplace_backward or _saved_tensors_die_after_this_node():
+            # Nobody can read the saved gradient again (backward without retain_graph frees it once this node
+            # returns; with inplace_backward it is the logits buffer): scale it where it is and hand it over.
+            # AccumulateGrad then adopts the buffer: no second gradient-sized allocation and no copy. A second
+            # backward through an inplace_backward graph fails autograd's saved-tensor version check instead of
+            # silently scaling twice.
+            if not _is_exactly_one_on_cpu(go):
+                grad = grad.mul_(go)
         else:
-            # Out of place, so retain_graph / autograd.grad / jacobians can use the saved gradient again.
+            # retain_graph / create_graph / autograd.grad(..., retain_graph=True): the saved gradient must stay
+            # intact for the next backward, so scale out of place.
             grad = grad * go
         if torch.is_grad_enabled():
             # create_graph=True: fine for the rest of the graph, but differentiating this gradient
             # again must fail loudly rather than return a silent zero.
             grad = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(grad.detach().requires_grad_())
         return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None, None, None, None
+
+
+def _saved_tensors_die_after_this_node() -> bool:
+    """True when the running backward does not keep the graph, so this node's saved tensors are released as soon
+    as it returns. Conservative (False) wherever that cannot be known: inside torch.compile's traced backward, or
+    on a torch without the query."""
+    if torch.compiler.is_compiling():
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        return not keep_graph()
+    except RuntimeError:  # not inside an engine-run backward
+        return False
+
+
+def _is_exactly_one_on_cpu(go: Tensor) -> bool:
+    """``loss.backward()``'s implicit grad_output, recognised for free where reading it is no device sync."""
+    return go.device.type == "cpu" and go.numel() == 1 and not go.requires_grad and go.item() == 1.0

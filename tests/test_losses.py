@@ -233,6 +233,23 @@ def test_double_backward_raises(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_hands_over_the_buffer_without_copies(backend):
+    """Without retain_graph the stored gradient becomes logits.grad itself: no second buffer, no copy."""
+    t = torch.tensor([0, 1, 2, 3, -100])
+    for reduction in REDUCTIONS:
+        z = torch.randn(5, 7, requires_grad=True)
+        z2 = z.detach().clone().requires_grad_(True)
+        loss2 = cb.class_balanced_loss(z2, t, loss_type="focal", reduction=reduction, backend=backend)
+        (expected,) = torch.autograd.grad(loss2.sum(), z2, retain_graph=True)  # the out-of-place path
+        ptrs = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: (ptrs.append(x.data_ptr()), x)[1], lambda x: x):
+            loss = cb.class_balanced_loss(z, t, loss_type="focal", reduction=reduction, backend=backend)
+        loss.sum().backward()
+        assert z.grad.data_ptr() in ptrs
+        torch.testing.assert_close(z.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_retain_graph_and_inplace_second_backward(backend):
     t = torch.tensor([0, 1, 2, 3])
     z = torch.randn(4, 6, requires_grad=True)
@@ -241,10 +258,18 @@ def test_retain_graph_and_inplace_second_backward(backend):
     once = z.grad.clone()
     loss.backward()
     torch.testing.assert_close(z.grad, 2 * once)
+    # autograd.grad with retain_graph and changing grad_outputs (what gradcheck does) reuses the saved gradient.
+    loss = cb.cb_softmax_cross_entropy(z, t, backend=backend)
+    (g1,) = torch.autograd.grad(loss, z, torch.tensor(3.0), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, z, torch.tensor(0.5), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(g1, 3 * once, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g2, 0.5 * once, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g3, once, rtol=0, atol=0)
     # With inplace_backward the gradient is scaled where it lies: a second pass must fail loudly.
     leaf = torch.randn(4, 6, requires_grad=True)
     loss = cb.cb_softmax_cross_entropy(leaf * 1, t, backend=backend, inplace_backward=True)
-    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
