@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton backend against naive eager PyTorch and ``torch.compile`` of it.
+"""GPU benchmark of the Triton and CUDA C++ backends against naive eager PyTorch and ``torch.compile`` of it.
 
     python benchmarks/gpu_bench.py [--out benchmarks/results] [--losses softmax focal] [--budget 240]
 
@@ -9,6 +9,8 @@ once per loss and dtype). Providers:
 - ``triton``: ``cbkernels.class_balanced_loss(..., backend="triton")``, the whole user-facing call (validation,
   reduction scale, kernel, backward scaling);
 - ``triton-kernel``: the ``cbkernels::cb_loss_fwd_triton`` op alone (loss and gradient in one launch);
+- ``cuda`` / ``cuda-kernel``: the same for the CUDA C++ backend (``cbkernels::cb_loss_fwd`` on CUDA tensors), when
+  the extension was built with its CUDA kernels;
 - ``eager``: ``cbkernels.reference.naive_cb_loss`` at the working dtype (what users write today);
 - ``compile``: ``torch.compile`` of the same function.
 
@@ -78,19 +80,20 @@ def reps_for(nbytes: int) -> int:
 
 
 def make_step(provider: str, loss_type: str, logits, target, weight, compiled: dict):
-    if provider == "triton-kernel":
+    if provider in ("triton-kernel", "cuda-kernel"):
         scale = torch.ones((), device=logits.device)
         lt = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}[loss_type]
+        op = torch.ops.cbkernels.cb_loss_fwd_triton if provider == "triton-kernel" else torch.ops.cbkernels.cb_loss_fwd
 
         def step():
-            torch.ops.cbkernels.cb_loss_fwd_triton(logits, target, weight, scale, lt, GAMMA, 0.0, -100, True)
+            op(logits, target, weight, scale, lt, GAMMA, 0.0, -100, True)
 
         return step
     x = logits.detach().clone().requires_grad_(True)
-    if provider == "triton":
+    if provider in ("triton", "cuda"):
         def fn(z):
             return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
-                                          backend="triton")
+                                          backend=provider)
     elif provider == "eager":
         def fn(z):
             return naive_cb_loss(z, target, weight, loss_type=loss_type, gamma=GAMMA)
@@ -175,9 +178,14 @@ def format_row(row, providers) -> str:
             cells.append(f"{p}: {'error':>8}")
         else:
             cells.append(f"{p}: {r['ms']:8.3f} ms {r['frac_copy']:5.0%}")
-    eager, tri = row.get("eager"), row.get("triton")
-    if eager and tri and "ms" in eager and "ms" in tri:
-        cells.append(f"speed-up vs eager {eager['ms'] / tri['ms']:5.1f}x")
+    eager, comp = row.get("eager"), row.get("compile")
+    for name in ("triton", "cuda"):
+        ours = row.get(name)
+        if not ours or "ms" not in ours:
+            continue
+        for base_name, base in (("eager", eager), ("compile", comp)):
+            if base and "ms" in base:
+                cells.append(f"{name} vs {base_name} {base['ms'] / ours['ms']:5.1f}x")
     return " | ".join(cells)
 
 
@@ -186,7 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--losses", nargs="+", default=["softmax", "focal"],
                         choices=["softmax", "sigmoid", "focal", "softmax_focal"])
-    parser.add_argument("--providers", nargs="+", default=["triton", "triton-kernel", "eager", "compile"])
+    parser.add_argument("--providers", nargs="+", default=None,
+                        help="default: triton, triton-kernel, then cuda and cuda-kernel when the CUDA C++ backend is "
+                             "built, eager, compile")
     parser.add_argument("--budget", type=float, default=240.0,
                         help="seconds after which torch.compile cases are skipped (its warm-up dominates)")
     parser.add_argument("--cases", nargs="+", default=None, help="NxC shapes instead of the default set")
@@ -197,6 +207,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device")
         return 1
+    if args.providers is None:
+        has_cuda_backend = args.device == "cuda" and "cuda" in cb.available_backends()
+        args.providers = ["triton", "triton-kernel"] + (["cuda", "cuda-kernel"] if has_cuda_backend else [])
+        args.providers += ["eager", "compile"]
     cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
     result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
     out = Path(args.out)

@@ -2,8 +2,9 @@
 # GPU check for a CUDA machine with no network, using the machine's own python3 (torch and triton installed):
 #   1. builds the C++/CUDA extension in place (for this GPU's architecture only, to keep it short),
 #   2. runs the GPU tests (pytest -m gpu),
-#   3. benchmarks the Triton backend against naive eager and torch.compile (benchmarks/gpu_bench.py),
-#      writing JSON + a text table under benchmarks/results/.
+#   3. benchmarks the Triton and (when built) CUDA C++ backends against naive eager and torch.compile
+#      (benchmarks/gpu_bench.py), writing JSON + a text table under benchmarks/results/,
+#   4. benchmarks the fused linear + loss in bf16 at N=8192 H=4096 V=128256 (benchmarks/bench_linear_loss.py).
 # Meant to finish in under 8 minutes. Environment: PYTHON (default python3), SKIP_BUILD=1 to skip step 1,
 # PYTEST_TARGETS (default "tests"), BENCH_ARGS (extra gpu_bench.py arguments), TEST_TIMEOUT / BUILD_TIMEOUT /
 # BENCH_TIMEOUT in seconds. Exit status: non-zero when any step failed (all steps run regardless).
@@ -42,5 +43,9 @@ echo "   $((SECONDS - t0)) s"
 echo "== benchmarks/gpu_bench.py"
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/gpu_bench.py ${BENCH_ARGS:-} || status=1
+echo "   $((SECONDS - t0)) s"
+
+echo "== benchmarks/bench_linear_loss.py --device cuda"
+timeout "${LINEAR_TIMEOUT:-120}" $PY benchmarks/bench_linear_loss.py --device cuda --losses softmax || status=1
 echo "== done in $((SECONDS - t0)) s, status $status"
 exit $status
