@@ -8,7 +8,8 @@
 - ``F.cross_entropy``: ``F.cross_entropy(logits, target, weight=w)`` (softmax only; its mean is the
   weighted mean, which does not matter for timing).
 - ``cb:<backend>``: ``cbkernels.class_balanced_loss(..., backend=<backend>)`` for every backend that
-  ``cbkernels.available_backends()`` reports at run time.
+  ``cbkernels.available_backends()`` reports at run time; ``cb:<backend>+inplace`` (only when named in
+  ``--providers``) adds ``inplace_backward=True``.
 
 Results: a table on stdout, and ``<stem>.json`` / ``.md`` / ``.png`` under ``--out``. Importing this
 module needs neither matplotlib nor triton (both load lazily, only when used).
@@ -187,10 +188,16 @@ def make_provider(name: str, case: Case) -> Provider:
 
         from ._backends import resolve_backend
 
-        backend = name[3:]
+        backend, _, variant = name[3:].partition("+")
+        if variant not in ("", "inplace"):
+            raise ValueError(f"unknown provider {name!r}: the only variant is cb:<backend>+inplace")
         resolve_backend(backend, case.logits.device)  # a clear error when it cannot run here
+        # +inplace: inplace_backward=True, the gradient written over the logits (which the steps then keep
+        # overwriting: fine for timing and memory, the values stay finite).
+        inplace = variant == "inplace"
         return Provider(name, lambda x: cbkernels.class_balanced_loss(x, t, weight=w, loss_type=lt, gamma=g,
-                                                                      backend=backend), (t, w))
+                                                                      backend=backend, inplace_backward=inplace),
+                        (t, w))
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -723,6 +730,7 @@ providers:
   F.cross_entropy  F.cross_entropy(logits, target, weight=w), softmax only
   cb:<backend>     cbkernels.class_balanced_loss(..., backend=<backend>), each available backend
   cb               all cb:<backend>
+  cb:<backend>+inplace  the same with inplace_backward=True (only when named)
   on this machine's CPU: {here}
 shapes: {shapes}, or any BxC.
 memory: kept = bytes held from forward to backward (CPU: allocator records from torch.profiler;
@@ -773,6 +781,8 @@ def _select_providers(requested: Optional[List[str]], device: str, quick: bool) 
         if name == "cb":
             out += cb_names
         elif name in FIXED_PROVIDERS or name in cb_names:
+            out.append(name)
+        elif name.endswith("+inplace") and name[: -len("+inplace")] in cb_names:
             out.append(name)
         elif name.startswith("cb:"):
             from . import available_backends
