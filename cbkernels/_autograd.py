@@ -66,7 +66,7 @@ class CBLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grad_output = grad_output.detach()
         go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.reduction == "none" else grad_output
-        if ctx.inplace_backward or _saved_tensors_die_after_this_node():
+        if ctx.inplace_backward or _saved_tensors_die_after_this_node(grad):
             # Nobody can read the saved gradient again (backward without retain_graph frees it once this node
             # returns; with inplace_backward it is the logits buffer): scale it where it is and hand it over.
             # AccumulateGrad then adopts the buffer: no second gradient-sized allocation and no copy. A second
@@ -85,11 +85,16 @@ class CBLossFunction(torch.autograd.Function):
         return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None, None, None, None
 
 
-def _saved_tensors_die_after_this_node() -> bool:
+def _traced(t: Tensor) -> bool:
+    """Inside torch.compile / AOT autograd tracing (fake or functional tensors, not plain ones)."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _saved_tensors_die_after_this_node(grad: Tensor) -> bool:
     """True when the running backward does not keep the graph, so this node's saved tensors are released as soon
     as it returns. Conservative (False) wherever that cannot be known: inside torch.compile's traced backward, or
     on a torch without the query."""
-    if torch.compiler.is_compiling():
+    if _traced(grad):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     if keep_graph is None:
@@ -102,4 +107,6 @@ def _saved_tensors_die_after_this_node() -> bool:
 
 def _is_exactly_one_on_cpu(go: Tensor) -> bool:
     """``loss.backward()``'s implicit grad_output, recognised for free where reading it is no device sync."""
+    if _traced(go):
+        return False  # a traced value has no value to read
     return go.device.type == "cpu" and go.numel() == 1 and not go.requires_grad and go.item() == 1.0

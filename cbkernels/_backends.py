@@ -74,6 +74,10 @@ def _triton_available() -> bool:
     return triton_interpret() or torch.cuda.is_available()
 
 
+# Also run once at trace time (find_spec is not traceable either).
+_triton_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _load(module: str) -> Callable[[], tuple]:
     def load() -> tuple:
         mod = importlib.import_module(module)
@@ -136,7 +140,7 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         else:
             order = ("cpu", "torch")
         b = next(_REGISTRY[n] for n in order if device.type in _REGISTRY[n].devices and _REGISTRY[n].is_available())
-        b.functions()
+        _ensure_loaded(b.name)
         return b
     b = _REGISTRY[backend]
     if not b.is_available():
@@ -145,5 +149,16 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         )
     if device.type not in b.devices or (backend == "triton" and device.type == "cpu" and not triton_interpret()):
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
-    b.functions()  # load outside any autograd.Function or compiled region
+    _ensure_loaded(b.name)
     return b
+
+
+def _ensure_loaded(name: str) -> bool:
+    """Imports the backend's module now, outside any autograd.Function. Under torch.compile this runs eagerly at
+    trace time (marked as constant below: importing is not traceable), so that even a process whose first call is
+    a compiled one traces only the already-loaded functions."""
+    _REGISTRY[name].functions()
+    return True
+
+
+_ensure_loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]

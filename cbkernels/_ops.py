@@ -48,4 +48,11 @@ def forward_inplace(
     label_smoothing: float, ignore_index: int,
 ) -> Tensor:
     """Per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
-    return _fwd_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
+    rows = _fwd_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
+    if not torch.compiler.is_compiling():
+        # Like every in-place ATen op: bump the version counter, so that autograd refuses to use the overwritten
+        # values where another node saved them (logits = x.exp() with inplace_backward=True) instead of silently
+        # computing a wrong gradient. The C++ op alone does not (no ADInplaceOrView kernel takes effect for it);
+        # under torch.compile the mutation is functionalised and tracked by the compiler.
+        torch.autograd.graph.increment_version(logits)
+    return rows

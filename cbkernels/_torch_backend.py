@@ -49,34 +49,43 @@ def _chunk(
     zy = z.gather(1, ty).squeeze(1)
     grad = None
     if loss_type in (SOFTMAX, SOFTMAX_FOCAL):
-        # log_softmax then exp: p stays accurate and nll = -log p_y never sees log(0).
-        logp = torch.log_softmax(z, dim=1) if out is None or not want_grad else torch.log_softmax(z, 1, out=out)
-        nll = -logp.gather(1, ty).squeeze(1)
+        # log_softmax then exp: p stays accurate and -log p_y never sees log(0). The target's column of p is then
+        # replaced so that 1 - p_y = sum_{j != y} p_j is summed, not subtracted: it keeps full relative precision
+        # on confident rows, where 1 - p_y and -log p_y would cancel to 0 in float32 (SPEC section 6).
+        logp = torch.log_softmax(z, 1, out=out) if want_grad and out is not None else torch.log_softmax(z, dim=1)
+        nll_direct = -logp.gather(1, ty).squeeze(1)
+        sum_logp = logp.sum(1) if eps != 0.0 else None
+        p = logp.exp_()
+        p.scatter_(1, ty, 0.0)
+        q = p.sum(1)  # 1 - p_y
+        nll = torch.where(q < 0.5, -torch.log1p(-q), nll_direct)
         if loss_type == SOFTMAX:
-            loss = nll if eps == 0.0 else (1.0 - eps) * nll - (eps / num_classes) * logp.sum(1)
+            loss = nll if eps == 0.0 else (1.0 - eps) * nll - (eps / num_classes) * sum_logp
             coef = a
         else:
-            one_minus_p = -torch.expm1(-nll)
-            mod = _pow_gamma(one_minus_p, gamma)
+            mod = _pow_gamma(q, gamma)
             loss = nll if mod is None else mod * nll
             if mod is None:
                 coef = a
             else:
                 # r = L / (1 - P) -> 1 as 1 - P underflows; keeps gamma < 1 finite (SPEC section 4).
-                r = torch.where(one_minus_p > 0, nll / one_minus_p, torch.ones_like(nll))
+                r = torch.where(q > 0, nll / q, torch.ones_like(nll))
                 coef = a * mod * (1.0 + gamma * torch.exp(-nll) * r)
         if want_grad:
-            p = logp.exp_()
-            p.scatter_add_(1, ty, torch.full_like(zy, -(1.0 - eps)).unsqueeze(1))
+            # p_y - q_y = (1 - q) - (1 - eps) - eps/C: the target column gets eps - q, every column then - eps/C.
+            p.scatter_(1, ty, (eps - q).unsqueeze(1))
             if eps != 0.0:
                 p.sub_(eps / num_classes)
             grad = p.mul_((coef * scale).unsqueeze(1))
     elif loss_type == SIGMOID:
-        # softplus(z) = log1p(exp(z)) in ATen, or z past its threshold: accurate for every finite z.
-        loss = F.softplus(z).sum(1) - zy
+        # softplus(z) = log1p(exp(z)) in ATen, or z past its threshold: accurate for every finite z. The target's
+        # term softplus(-z_y) is put in its column rather than subtracting z_y from a sum (which cancels).
+        elem = F.softplus(z)
+        elem.scatter_(1, ty, F.softplus(-zy).unsqueeze(1))
+        loss = elem.sum(1)
         if want_grad:
             grad = torch.sigmoid(z) if out is None else torch.sigmoid(z, out=out)
-            grad.scatter_add_(1, ty, torch.full_like(zy, -1.0).unsqueeze(1))
+            grad.scatter_(1, ty, torch.sigmoid(-zy).neg_().unsqueeze(1))  # sigmoid(z_y) - 1 without cancellation
             grad.mul_((a * scale).unsqueeze(1))
     else:
         # Every element as a non-target (t = 0: v = -z, u = softplus(z), q = sigmoid(-z)), then the

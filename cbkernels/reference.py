@@ -14,7 +14,10 @@ from torch import Tensor
 
 
 def _softplus(x: Tensor) -> Tensor:
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+    # log(1 + e^x) = logaddexp(x, 0): stable for every x, and autograd gives exactly sigmoid(x), 0.5 at x = 0
+    # (max(x, 0) + log1p(exp(-|x|)) is as stable, but autograd would take clamp's and abs's one-sided
+    # derivatives at x = 0 and return 1 there).
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def reference_loss(

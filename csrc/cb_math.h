@@ -170,4 +170,23 @@ CB_HOST_DEVICE void softmax_focal_row(T L, T gamma, GammaKind g, T& mod, T& coef
   coef = mod * (T(1) + gamma * cb_exp(-L) * r);
 }
 
+// The same with the exact (double) gamma for a float row: a gamma that float cannot hold (1.7) rounded to float
+// would shift (1-P)^gamma by gamma_lo * ln(1-P) relative, 1e-6 on a confident row (1-P ~ 1e-6). The rounding
+// rest gamma_lo = gamma - float(gamma) is put back as the factor (1-P)^gamma_lo = 1 + gamma_lo ln(1-P) (its square
+// is below 1e-13): one log per row, no double arithmetic (the CUDA row epilogue has no registers to spare).
+template <typename T>
+CB_HOST_DEVICE void softmax_focal_row_exact_gamma(T L, double gamma, GammaKind g, T& mod, T& coef) {
+  const T gamma_hi = static_cast<T>(gamma);
+  softmax_focal_row(L, gamma_hi, g, mod, coef);
+  const T gamma_lo = static_cast<T>(gamma - static_cast<double>(gamma_hi));
+  if (g == GammaKind::kGeneral && gamma_lo != T(0)) {
+    const T omp = -cb_expm1(-L);
+    if (omp > T(0)) {
+      const T factor = T(1) + gamma_lo * cb_log(omp);
+      mod *= factor;
+      coef *= factor;
+    }
+  }
+}
+
 }  // namespace cbkernels

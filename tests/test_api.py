@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -217,3 +218,33 @@ def test_cpu_extension_is_built():
     if os.environ.get("CBKERNELS_SKIP_EXTENSION") == "1":
         pytest.skip("pure-Python install requested (CBKERNELS_SKIP_EXTENSION=1)")
     assert "cpu" in cb.available_backends()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compiled_call_first_in_a_fresh_process(backend):
+    """The first call of a process may be a compiled one: backends load at trace time, not inside the graph."""
+    code = textwrap.dedent(f"""
+        import torch, cbkernels as cb
+        f = torch.compile(lambda x, t: cb.cb_focal(x, t, backend={backend!r}), fullgraph=True, backend="aot_eager")
+        x = torch.randn(6, 7, requires_grad=True)
+        t = torch.randint(0, 7, (6,))
+        loss = f(x, t)
+        loss.backward()
+        ref = cb.cb_focal(x.detach(), t, backend={backend!r})
+        assert torch.allclose(loss, ref), (loss, ref)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loss_type", ["focal", "softmax"])
+def test_compile_fullgraph_with_inplace_backward(loss_type):
+    t = torch.randint(0, 7, (6,))
+    x = torch.randn(6, 7, requires_grad=True)
+    cb.class_balanced_loss(x * 1, t, loss_type=loss_type, inplace_backward=True).backward()
+    expected, x.grad = x.grad, None
+    f = torch.compile(lambda x, t: cb.class_balanced_loss(x * 1, t, loss_type=loss_type, inplace_backward=True),
+                      fullgraph=True, backend="aot_eager")
+    f(x, t).backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)

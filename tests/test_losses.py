@@ -282,3 +282,45 @@ def test_backend_agrees_with_torch_backend(backend):
         b, gb = run_loss(_loss_fn(loss_type, "torch", cb.class_balanced_weights(counts)), logits, target)
         torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
         torch.testing.assert_close(ga, gb, rtol=0, atol=1e-6 * gb.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("margin", [12.0, 14.3, 17.0])
+def test_confident_rows_match_reference(backend, loss_type, margin):
+    """1 - p_y and -log p_y are tiny: computed as differences they cancel in float32 (SPEC section 6)."""
+    logits = torch.tensor([[0.0, margin, -1.0], [margin, 0.5, -margin]])
+    target = torch.tensor([1, 0])
+    gammas = (0.5, 0.0, 1.0, 2.0, 1.7) if "focal" in loss_type else (0.0,)
+    for gamma in gammas:
+        for reduction in ("none", "sum"):
+            kw = dict(loss_type=loss_type, reduction=reduction, **({"gamma": gamma} if "focal" in loss_type else {}))
+            loss, grad = run_loss(cb.class_balanced_loss, logits, target, backend=backend, **kw)
+            assert_matches(loss, grad, logits, target, None, **kw)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_zero_logits(backend, loss_type):
+    """Exactly 0 logits: softplus'(0) = 1/2, where one-sided derivatives of max/abs would say 1."""
+    logits = torch.zeros(4, 5)
+    target = torch.tensor([0, 3, -100, 4])
+    for reduction in REDUCTIONS:
+        kw = dict(loss_type=loss_type, reduction=reduction)
+        loss, grad = run_loss(cb.class_balanced_loss, logits, target, backend=backend, **kw)
+        assert_matches(loss, grad, logits, target, None, **kw)
+    z = torch.zeros(1, 2, requires_grad=True)
+    cb.class_balanced_loss(z, torch.tensor([1]), loss_type="sigmoid", reduction="sum", backend=backend).backward()
+    torch.testing.assert_close(z.grad, torch.tensor([[0.5, -0.5]]), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_inplace_backward_refuses_overwritten_saved_logits(backend, loss_type):
+    """With inplace_backward the logits buffer becomes the gradient: a node that saved the logits (exp saves its
+    output) must fail autograd's version check, never use the overwritten values."""
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    loss = cb.class_balanced_loss(x.exp(), t, loss_type=loss_type, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -316,7 +316,7 @@ CB_DEVICE SoftmaxRow<typename Storage<T>::Acc> finish_softmax_row(const KernelAr
                                                                   typename Storage<T>::Acc m) {
   using A = typename Storage<T>::Acc;
   return softmax_row<A>(m, st.s, ex(st.zy), st.dist, st.zy, r.a, load_scale<A>(p), static_cast<A>(p.num_classes),
-                        p.softmax_focal ? A(0) : static_cast<A>(p.label_smoothing), static_cast<A>(p.gamma),
+                        p.softmax_focal ? A(0) : static_cast<A>(p.label_smoothing), p.gamma,
                         p.gamma_kind, p.softmax_focal);
 }
 

@@ -185,13 +185,13 @@ template <typename A> struct SoftmaxRow {
 
 template <typename A>
 CB_DEVICE SoftmaxRow<A> softmax_row(A m, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes, A eps,
-                                    A gamma, GammaKind gk, bool focal) {
+                                    double gamma, GammaKind gk, bool focal) {
   const A sum = s_other + ey;
   const A nll = softmax_nll(m, zy, ey, s_other);
   A row_loss = nll, coef = A(1);
   if (focal) {
     A mod;
-    softmax_focal_row(nll, gamma, gk, mod, coef);
+    softmax_focal_row_exact_gamma(nll, gamma, gk, mod, coef);
     row_loss = mod * nll;
   } else if (eps != A(0)) {
     // (eps/C) sum_j (lse - z_j) = eps (lse - mean_j z_j) = eps (L + mean_j (m - z_j) - (m - z_y)), with L the

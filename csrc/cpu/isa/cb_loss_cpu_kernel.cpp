@@ -238,7 +238,6 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
   const int64_t C = p.num_classes;
   const bool focal = p.loss_type == kSoftmaxFocal;
   const T eps = focal ? T(0) : static_cast<T>(p.label_smoothing);
-  const T gamma = static_cast<T>(p.gamma);
   const GammaKind gk = gamma_kind(p.gamma);
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
   // The exps live in the gradient row when it has the compute type (no extra memory, and in place
@@ -285,7 +284,7 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
     T row_loss = nll, coef = 1;
     if (focal) {
       T mod;
-      softmax_focal_row(nll, gamma, gk, mod, coef);
+      softmax_focal_row_exact_gamma(nll, p.gamma, gk, mod, coef);
       row_loss = mod * nll;
     } else if (eps != T(0)) {
       // (eps/C) sum_j (lse - z_j) = eps (log(sum) + mean_j (m - z_j)): every term >= 0, no cancellation.
