@@ -33,7 +33,6 @@ GAMMA_TWO = tl.constexpr(3)
 GAMMA_ANY = tl.constexpr(4)
 
 # -ln(2): below it 1 - exp(-L) has no cancellation worth fixing.
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @jit
@@ -88,46 +87,60 @@ def _one_vs_all_terms(z, is_t, gamma, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.co
 
 
 @jit
-def _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
+def _log1p(x):
+    # Goldberg's log1p(x) for x >= 0 (no log1p builtin that also runs under the interpreter): log(1 + x) alone
+    # loses x's low bits when 1 + x rounds.
+    w = 1.0 + x
+    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
+
+
+@jit
+def _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
                  LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Row loss and gradient coefficient from the row max ``m``, sum-exp ``s`` (relative to m),
-    logit sum ``sz`` (label smoothing only) and target logit ``zy``. SPEC sections 3-4."""
-    lse = m + tl.log(s)
-    nll = lse - zy
+    """Row loss, gradient coefficient, sum-exp ``s`` and ``1 - p_y`` from the row max ``m``, the sum-exp of the
+    other classes ``so`` (relative to m), the logit sum ``sz`` (label smoothing only) and the target logit ``zy``.
+    SPEC sections 3-4.
+
+    ``1 - p_y = so / s`` and ``L = log1p(so / e_y)`` are formed without a difference, so they keep full relative
+    precision on confident rows, where ``1 - p_y`` and ``lse - z_y`` would cancel to 0 in float32; ``(m - z_y)``
+    is exact where both are large (1e4 logits lose 1e-4 in ``m + log(s) - z_y``)."""
+    ey = tl.exp(zy - _finite_or_zero(m))
+    s = so + ey
+    ratio = so / ey
+    direct = (m - zy) + tl.log(s)
+    # Once e_y is no longer a normal number the direct form is the accurate one (L is then large).
+    nll = tl.where((ey >= 1.1754943508222875e-38) & (ratio < float("inf")), _log1p(ratio), direct)
+    one_minus_p = so / s
     if LOSS_TYPE == SOFTMAX:
         loss = nll
         if HAS_SMOOTHING:
-            loss = (1.0 - eps) * nll + eps * (lse - sz / n_cols)
+            loss = (1.0 - eps) * nll + eps * ((m - sz / n_cols) + tl.log(s))
         coef = a * scale
     else:
-        # lse >= z_y holds in exact arithmetic; the guard keeps a rounding from giving (1 - P) < 0 (NaN lets through).
-        nll = tl.where(nll < 0.0, 0.0, nll)
-        p_t = tl.exp(-nll)
-        # 1 - P = -expm1(-L): for L < ln 2, 1 - exp(-L) cancels, so Kahan's (1 - u) L / -log(u), u = exp(-L).
-        kahan = tl.where(p_t == 1.0, nll, (1.0 - p_t) * (nll / -tl.log(p_t)))
-        one_minus_p = tl.where(nll < LN2, kahan, 1.0 - p_t)
+        p_t = ey / s
         mod = _pow_gamma(one_minus_p, tl.log(one_minus_p), gamma, GAMMA_CASE)
         # r = L / (1 - P) -> 1 as 1 - P -> 0: keeps the gradient finite for gamma < 1.
         r = tl.where(one_minus_p > 0.0, nll / one_minus_p, 1.0)
         loss = mod * nll
         coef = a * scale * mod * (1.0 + gamma * p_t * r)
-    return tl.where(valid, a * loss, 0.0), coef
+    return tl.where(valid, a * loss, 0.0), coef, s, one_minus_p
 
 
 @jit
-def _softmax_grad(p, is_t, coef, valid, eps, n_cols, HAS_SMOOTHING: tl.constexpr):
+def _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING: tl.constexpr):
+    # p - q in float32 before the one rounding to the gradient's dtype; the target's p_y - 1 is -(1 - p_y) from the
+    # other classes' sum (p_y - 1 itself would cancel to 0 on a confident row, and in bf16 long before).
     if HAS_SMOOTHING:
-        q = tl.where(is_t, 1.0 - eps, 0.0) + eps / n_cols
+        g = tl.where(is_t, eps - one_minus_p[:, None], p) - eps / n_cols
     else:
-        q = tl.where(is_t, 1.0, 0.0)
-    # p - q in float32 before the one rounding to the gradient's dtype (p - 1 would cancel to 0 in bf16).
-    return tl.where(valid[:, None], coef[:, None] * (p - q), 0.0)
+        g = tl.where(is_t, -one_minus_p[:, None], p)
+    return tl.where(valid[:, None], coef[:, None] * g, 0.0)
 
 
 @jit
-def _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Online max / sum-exp (and logit sum) over the columns [col_lo, col_hi) of each row."""
+    """Online max / sum-exp of the non-target classes (and logit sum) over the columns [col_lo, col_hi)."""
     cols = tl.arange(0, BLOCK_C)
     m = tl.full([ROWS], float("-inf"), CDT)
     s = tl.zeros([ROWS], CDT)
@@ -138,8 +151,8 @@ def _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTH
         z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
         shift = _finite_or_zero(m_new)
-        # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count.
-        tile = tl.sum(tl.where(mask, tl.exp(z - shift[:, None]), 0.0), axis=1)
+        # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count. The target is left out.
+        tile = tl.sum(tl.where(mask & (cc[None, :] != y[:, None]), tl.exp(z - shift[:, None]), 0.0), axis=1)
         s = s * tl.exp(m - shift) + tile
         m = m_new
         if HAS_SMOOTHING:
@@ -148,7 +161,7 @@ def _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTH
 
 
 @jit
-def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, coef, valid, eps, n_cols, col_lo, col_hi,
+def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid, eps, n_cols, col_lo, col_hi,
                        CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_C: tl.constexpr):
     # p = exp(z - m) / s rather than exp(z - lse): z - m is exact where p is near 1, z - lse carries lse's rounding
     # (half an ulp of |lse|, 1e-6 relative at lse ~ 16) into p.
@@ -162,7 +175,7 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, coef, valid, eps, n_cols
         mask = row_ok[:, None] & (cc < col_hi)[None, :]
         z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
         p = tl.exp(z - shift[:, None]) * inv_s[:, None]
-        g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, HAS_SMOOTHING)
+        g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING)
         tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -253,32 +266,33 @@ def cb_loss_kernel(
             z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(CDT)
             m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
             e = tl.where(mask, tl.exp(z - _finite_or_zero(m)[:, None]), 0.0)
-            s = tl.sum(e, axis=1)
+            is_t = cols[None, :] == y[:, None]
+            so = tl.sum(tl.where(is_t, 0.0, e), axis=1)
             if HAS_SMOOTHING:
                 sz = tl.sum(z, axis=1)
             else:
-                sz = s
-            loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                           LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+                sz = so
+            loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                                      LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
             tl.store(loss_ptr + rows, loss, mask=row_ok)
             if HAS_GRAD:
-                g = _softmax_grad(e * (1.0 / s)[:, None], cols[None, :] == y[:, None], coef, valid, eps, n_cols,
+                g = _softmax_grad(e * (1.0 / s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p,
                                   HAS_SMOOTHING)
                 tl.store(g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
-            m, s, sz = _softmax_stats(z_rows, row_ok, col_lo, col_hi, CDT, HAS_SMOOTHING, ROWS, BLOCK_C)
+            m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT, HAS_SMOOTHING, ROWS, BLOCK_C)
             if SPLIT:
                 tl.store(ws_rows, m, mask=row_ok)
-                tl.store(ws_rows + 1, s, mask=row_ok)
+                tl.store(ws_rows + 1, so, mask=row_ok)
                 tl.store(ws_rows + 2, sz, mask=row_ok)
                 tl.store(ws_rows + 3, zy, mask=row_ok)
             else:
-                loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                               LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+                loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                                          LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
                 tl.store(loss_ptr + rows, loss, mask=row_ok)
                 if HAS_GRAD:
-                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, coef, valid, eps, n_cols, col_lo, col_hi,
-                                       CDT, HAS_SMOOTHING, BLOCK_C)
+                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid, eps, n_cols, col_lo,
+                                       col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
     else:
         coef = tl.where(valid, a * scale, 0.0)
         acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi,
@@ -316,22 +330,22 @@ def cb_loss_split_finish_kernel(
         pm = tl.load(parts, mask=kmask, other=float("-inf"))
         ps = tl.load(parts + 1, mask=kmask, other=0.0)
         m = tl.max(pm, axis=1)
-        s = tl.sum(ps * tl.exp(pm - _finite_or_zero(m)[:, None]), axis=1)
+        so = tl.sum(ps * tl.exp(pm - _finite_or_zero(m)[:, None]), axis=1)
         if HAS_SMOOTHING:
             sz = tl.sum(tl.load(parts + 2, mask=kmask, other=0.0), axis=1)
         else:
-            sz = s
+            sz = so
         zy = tl.load(ws_ptr + rows * n_splits * 4 + 3, mask=row_ok, other=0.0)
-        loss, coef = _softmax_row(m, s, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                       LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+        loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
+                                                  LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
         first = (split + tl.arange(0, 1)) == 0  # a [1] mask: the interpreter rejects a broadcast scalar one
         tl.store(loss_ptr + rows, loss, mask=row_ok & first)
         if HAS_GRAD:
             cols_per_split = _aligned(cols_per_split, BLOCK_C)  # see cb_loss_kernel
             col_lo = split * cols_per_split
             col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
-            _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s, coef, valid,
-                               eps, n_cols, col_lo, col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
+            _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s, one_minus_p,
+                               coef, valid, eps, n_cols, col_lo, col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
     else:
         acc = tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1)
         tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)
