@@ -15,9 +15,11 @@ from torch import Tensor
 
 SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
 
-# Elements per chunk: big enough that Python overhead is small, small enough that the chunk's
-# float32 temporaries (a handful of [rows, C] buffers) stay near the cache.
+# Elements per chunk: at most CHUNK_ELEMENTS (4 MB of float32) and at most a quarter of the logits, so that the
+# chunk's float32 temporaries (up to six [rows, C] buffers for the focal loss) stay well below the gradient's size;
+# at least MIN_CHUNK_ELEMENTS, so that per-chunk Python overhead stays small.
 CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK_ELEMENTS = 1 << 17
 
 
 def _pow_gamma(x: Tensor, gamma: float) -> Optional[Tensor]:
@@ -129,7 +131,7 @@ def _run(
     t_all = torch.where(valid_all, target, torch.zeros_like(target)).long()
     a_all = weight.to(cdtype)[t_all]
     scale_c = scale.to(cdtype)
-    rows = max(1, CHUNK_ELEMENTS // max(c, 1))
+    rows = max(1, min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, n * c // 4)) // max(c, 1))
     # Ignored rows need their gradient zeroed (a zero weight would not clear a NaN logit). On the CPU the check
     # is free; elsewhere it would be a host sync, so the masking pass always runs there.
     mask_rows = logits.device.type != "cpu" or not bool(valid_all.all())
