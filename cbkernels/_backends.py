@@ -53,7 +53,9 @@ def _compiled_ext_has(dispatch_key: str) -> bool:
     if importlib.util.find_spec("cbkernels._C") is None:
         return False
     try:
-        importlib.import_module("cbkernels._C")
+        # cbkernels._ops loads the library and registers the ops' fake kernels with it: once the compiled ops
+        # exist, torch.compile and opcheck can trace them.
+        importlib.import_module("cbkernels._ops")
     except (ImportError, OSError):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("cbkernels::cb_loss_fwd", dispatch_key)
@@ -114,6 +116,19 @@ register_backend(
         how_to_get="build the extension with a CUDA toolkit on a machine with a CUDA build of torch",
     )
 )
+
+
+def fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
+    """The output shapes and dtypes of every backend's forward op (its fake kernel, for torch.compile/opcheck):
+    per-row loss ``[N]`` in float32 (float64 for float64 logits) and the gradient (``[0]`` without one)."""
+    loss = logits.new_empty(logits.shape[:1], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    grad = logits.new_empty(logits.shape if compute_grad else (0,))
+    return loss, grad
+
+
+def fake_forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
+    """The fake kernel of every backend's in-place forward op: the per-row loss (the gradient replaces logits)."""
+    return fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, False)[0]
 
 
 def get_backend(name: str) -> Backend:

@@ -14,25 +14,20 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._backends import fake_forward, fake_forward_inplace
 
 _fwd = torch.ops.cbkernels.cb_loss_fwd.default
 _fwd_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace.default
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("cbkernels::cb_loss_fwd")
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
-    loss = logits.new_empty(logits.shape[:1], dtype=_loss_dtype(logits))
-    grad = logits.new_empty(logits.shape if compute_grad else (0,))
-    return loss, grad
+def _fake_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
+    return fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad)
 
 
 @torch.library.register_fake("cbkernels::cb_loss_fwd_inplace")
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
-    return logits.new_empty(logits.shape[:1], dtype=_loss_dtype(logits))
+def _fake_fwd_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
+    return fake_forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
 
 
 def forward(

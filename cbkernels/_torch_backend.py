@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._backends import fake_forward, fake_forward_inplace
+
 SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
 
 # Elements per chunk: at most CHUNK_ELEMENTS (4 MB of float32) and at most a quarter of the logits, so that the
@@ -162,12 +164,7 @@ def forward(
     return loss, grad
 
 
-@forward.register_fake
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
-    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = logits.new_empty(logits.shape[:1], dtype=ldtype)
-    grad = logits.new_empty(logits.shape if compute_grad else (0,))
-    return loss, grad
+forward.register_fake(fake_forward)
 
 
 @torch.library.custom_op("cbkernels::cb_loss_fwd_inplace_torch", mutates_args=("logits",))
@@ -178,7 +175,4 @@ def forward_inplace(
     return _run(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, logits)
 
 
-@forward_inplace.register_fake
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
-    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(logits.shape[:1], dtype=ldtype)
+forward_inplace.register_fake(fake_forward_inplace)

@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._backends import fake_forward, fake_forward_inplace
+
 SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
 GAMMA_ZERO, GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY = 0, 1, 2, 3, 4
 _GAMMA_CASES = {0.0: GAMMA_ZERO, 0.5: GAMMA_HALF, 1.0: GAMMA_ONE, 2.0: GAMMA_TWO}
@@ -211,12 +213,7 @@ def forward(
     return loss, grad
 
 
-@forward.register_fake
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
-    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = logits.new_empty(logits.shape[:1], dtype=ldtype)
-    grad = logits.new_empty(logits.shape if compute_grad else (0,))
-    return loss, grad
+forward.register_fake(fake_forward)
 
 
 @torch.library.custom_op("cbkernels::cb_loss_fwd_inplace_triton", mutates_args=("logits",))
@@ -233,10 +230,7 @@ def forward_inplace(
     return loss
 
 
-@forward_inplace.register_fake
-def _(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
-    ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(logits.shape[:1], dtype=ldtype)
+forward_inplace.register_fake(fake_forward_inplace)
 
 
 def launch_variants() -> Iterator[dict]:

@@ -14,6 +14,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(cbkernels, m) {
+  // The fake (meta) implementations live in Python: torch imports this module when it first needs one, so
+  // torch.ops.cbkernels.* work under torch.compile / opcheck even before anything imported it.
+  m.set_python_module("cbkernels._ops");
   m.def(
       "cb_loss_fwd(Tensor logits, Tensor target, Tensor weight, Tensor scale, int loss_type, float gamma, "
       "float label_smoothing, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
