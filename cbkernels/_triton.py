@@ -35,6 +35,9 @@ SMALL_C_MAX = 2048  # up to this padded C, several rows per program
 SINGLE_TILE_MAX = {2: 16384, 4: 16384, 8: 128}
 # The same when C or the row strides allow less than 16-byte accesses: every element then needs its own address.
 SINGLE_TILE_MAX_NARROW = {2: 8192, 4: 8192, 8: 128}
+# The one-vs-all losses (sigmoid, focal) read every element once on any path, so a single tile buys them nothing but
+# registers: the focal loss's longer code spills at 16384 values per tile (tools/gpu_build_check.py).
+ONE_VS_ALL_SINGLE_TILE_MAX = {2: 8192, 4: 8192, 8: 128}
 LOOP_BLOCK = {2: 4096, 4: 4096, 8: 128}  # column tile of the loop and split paths
 # Split a row over programs when there are fewer than SPLIT_ROWS_PER_SM * SMs rows, aiming at
 # SPLIT_TARGET_PER_SM programs per SM, at most MAX_SPLITS per row.
@@ -65,6 +68,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def maxnreg(num_warps: int) -> int:
+    """The register cap every launch compiles with: one block's share of the register file (65536 per SM), at most
+    255. Without it ptxas may cap a 16-warp block at 64 registers to fit two blocks per SM and spill 8-24 bytes of
+    the focal loss's state to local memory (seen for sm_80/sm_90 in tools/gpu_build_check.py); with it no launchable
+    variant spills."""
+    return min(255, 65536 // (32 * num_warps))
+
+
 def _warps(elems: int) -> int:
     # About 8 values per thread (one 16-byte load of 16-bit logits) in tiles up to 4096; larger single tiles keep
     # 16 warps (more would cap registers at 64 per thread). More values per thread made ptxas spill in the
@@ -72,15 +83,15 @@ def _warps(elems: int) -> int:
     return max(4, min(16, elems // 256))
 
 
-def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[int] = None) -> Plan:
+def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[int] = None,
+                one_vs_all: bool = False) -> Plan:
     """Pick the kernel shape for ``n`` rows of ``c`` classes of ``itemsize``-byte logits (``align``: see align_for;
-    None stands for 16-byte accesses)."""
+    None stands for 16-byte accesses; ``one_vs_all``: the launched loss is sigmoid or focal)."""
     block = max(16, _next_pow2(c))
     if block <= min(SMALL_C_MAX, TILE_ELEMS[itemsize]):
         rows = max(1, min(MAX_ROWS, TILE_ELEMS[itemsize] // block))
         return Plan(rows, block, _warps(rows * block), True)
-    narrow = align is not None and align * itemsize < 16
-    if block <= (SINGLE_TILE_MAX_NARROW if narrow else SINGLE_TILE_MAX)[itemsize]:
+    if block <= single_tile_max(itemsize, align, one_vs_all):
         return Plan(1, block, _warps(block), True)
     block = LOOP_BLOCK[itemsize]
     tiles = _cdiv(c, block)
@@ -91,6 +102,13 @@ def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[in
         if splits > 1:
             return Plan(1, block, _warps(block), False, splits, tiles_per_split * block)
     return Plan(1, block, _warps(block), False)
+
+
+def single_tile_max(itemsize: int, align: Optional[int], one_vs_all: bool) -> int:
+    """The largest padded row kept on chip as one tile."""
+    narrow = align is not None and align * itemsize < 16
+    limit = (SINGLE_TILE_MAX_NARROW if narrow else SINGLE_TILE_MAX)[itemsize]
+    return min(limit, ONE_VS_ALL_SINGLE_TILE_MAX[itemsize]) if one_vs_all else limit
 
 
 def align_for(c: int, stride_z: int, stride_g: int, itemsize: int) -> int:
@@ -171,7 +189,7 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_
     align = align_for(*common[1:], logits.element_size())
     if plan is None:
         sms = INTERPRET_SM_COUNT if on_cpu else _cuda_sm_count(logits.device.index)
-        plan = plan_launch(n, c, logits.element_size(), sms, align)
+        plan = plan_launch(n, c, logits.element_size(), sms, align, one_vs_all=lt in (SIGMOID, FOCAL))
     scalars = (ignore_index, g_hi, g_lo, e_hi, e_lo)
     guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(logits.device)
     with guard:
@@ -181,18 +199,20 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_
                 logits, target, weight, scale, loss, g, loss, *common, 0, *scalars,
                 LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
                 SINGLE_TILE=plan.single_tile, SPLIT=False, ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align,
-                num_warps=plan.num_warps)
+                num_warps=plan.num_warps, maxnreg=maxnreg(plan.num_warps))
             return loss
         ws = torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device)
         k.cb_loss_kernel[(n, plan.splits)](
             logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, *scalars,
             LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
-            SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps)
+            SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps,
+            maxnreg=maxnreg(plan.num_warps))
         f_lt, f_gc, f_smooth, f_grad = finish_flags(lt, gamma_case, smooth, has_grad)
         k.cb_loss_split_finish_kernel[(n, plan.splits if f_grad else 1)](
             logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, plan.splits, *scalars,
             LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
-            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps)
+            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps,
+            maxnreg=maxnreg(plan.num_warps))
     return loss
 
 
@@ -240,23 +260,26 @@ def launch_variants() -> Iterator[dict]:
     for dtype, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
         finishes = sorted({finish_flags(lt, gc, smooth, grad) for lt, gc, smooth in math for grad in (False, True)})
         for align in sorted({1, 2, 16 // itemsize}):
-            single_max = (SINGLE_TILE_MAX if align * itemsize == 16 else SINGLE_TILE_MAX_NARROW)[itemsize]
-            shapes = {}  # ordered, without duplicates
-            block = 16
-            while block <= single_max:
-                shapes[plan_launch(1 << 20, block, itemsize, 1, align)] = None
-                block *= 2
-            shapes[plan_launch(1 << 20, single_max + 1, itemsize, 1, align)] = None  # loop
-            split = plan_launch(1, single_max + 1, itemsize, 1 << 20, align)
-            shapes[split] = None
-            for plan in shapes:
-                for lt, gc, smooth in math:
-                    for has_grad in (False, True):
-                        yield dict(kernel="cb_loss_kernel", dtype=dtype, num_warps=plan.num_warps,
-                                   constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth,
-                                                   HAS_GRAD=has_grad, SINGLE_TILE=plan.single_tile,
-                                                   SPLIT=plan.splits > 1, ROWS=plan.rows, BLOCK_C=plan.block_c,
-                                                   ALIGN=align))
+            split = None
+            for one_vs_all in (False, True):
+                family = [m for m in math if (m[0] in (SIGMOID, FOCAL)) == one_vs_all]
+                single_max = single_tile_max(itemsize, align, one_vs_all)
+                shapes = {}  # ordered, without duplicates
+                block = 16
+                while block <= single_max:
+                    shapes[plan_launch(1 << 20, block, itemsize, 1, align, one_vs_all)] = None
+                    block *= 2
+                shapes[plan_launch(1 << 20, single_max + 1, itemsize, 1, align, one_vs_all)] = None  # loop
+                split = plan_launch(1, single_max + 1, itemsize, 1 << 20, align, one_vs_all)
+                shapes[split] = None
+                for plan in shapes:
+                    for lt, gc, smooth in family:
+                        for has_grad in (False, True):
+                            yield dict(kernel="cb_loss_kernel", dtype=dtype, num_warps=plan.num_warps,
+                                       constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth,
+                                                       HAS_GRAD=has_grad, SINGLE_TILE=plan.single_tile,
+                                                       SPLIT=plan.splits > 1, ROWS=plan.rows, BLOCK_C=plan.block_c,
+                                                       ALIGN=align))
             for lt, gc, smooth, has_grad in finishes:
                 yield dict(kernel="cb_loss_split_finish_kernel", dtype=dtype, num_warps=split.num_warps,
                            constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,

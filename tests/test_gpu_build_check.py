@@ -55,11 +55,11 @@ def test_variants_cover_every_launch():
         for dtype, itemsize in dtypes.items():
             for sms, row_pad in ((1, 0), (108, 3), (132, 16)):
                 align = T.align_for(c, c + row_pad, c, itemsize)
-                plan = T.plan_launch(n, c, itemsize, sms, align)
                 for loss_type in range(4):
                     for gamma in (0.0, 0.5, 1.0, 2.0, 1.7):
                         for eps in (0.0, 0.1):
                             lt, gc, smooth = T.kernel_flags(loss_type, gamma, eps)
+                            plan = T.plan_launch(n, c, itemsize, sms, align, one_vs_all=lt in (T.SIGMOID, T.FOCAL))
                             for grad in (False, True):
                                 flags = dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=grad)
                                 main = dict(flags, SINGLE_TILE=plan.single_tile, SPLIT=plan.splits > 1,
@@ -79,11 +79,12 @@ def test_variants_cover_every_launch():
 def test_triton_kernels_build_for_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, str(TOOL), "--quick", "--arch", "80", "90"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
+    # The full set: a "covering" subset once missed real spills (focal, gamma 0.5/2, 16384-wide bf16 tiles on sm_80).
+    run = subprocess.run([sys.executable, str(TOOL), "--arch", "80", "90"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=3600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-20000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("sm_")]
-    n_variants = len(_load_tool().triton_variants(True))
+    n_variants = len(_load_tool().triton_variants(False))
     assert len(lines) == 2 * n_variants, out[-5000:]
     assert not [line for line in lines if "SPILL" in line], out[-5000:]
