@@ -38,6 +38,8 @@ SINGLE_TILE_MAX_NARROW = {2: 8192, 4: 8192, 8: 128}
 # The one-vs-all losses (sigmoid, focal) read every element once on any path, so a single tile buys them nothing but
 # registers: the focal loss's longer code spills at 16384 values per tile (tools/gpu_build_check.py).
 ONE_VS_ALL_SINGLE_TILE_MAX = {2: 8192, 4: 8192, 8: 128}
+# Their per-row state also costs registers: 64 rows of 64 float32 classes spilled 8 B on sm_90 at the 128 cap.
+ONE_VS_ALL_MAX_ROWS = 32
 LOOP_BLOCK = {2: 4096, 4: 4096, 8: 128}  # column tile of the loop and split paths
 # Split a row over programs when there are fewer than SPLIT_ROWS_PER_SM * SMs rows, aiming at
 # SPLIT_TARGET_PER_SM programs per SM, at most MAX_SPLITS per row.
@@ -89,7 +91,7 @@ def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[in
     None stands for 16-byte accesses; ``one_vs_all``: the launched loss is sigmoid or focal)."""
     block = max(16, _next_pow2(c))
     if block <= min(SMALL_C_MAX, TILE_ELEMS[itemsize]):
-        rows = max(1, min(MAX_ROWS, TILE_ELEMS[itemsize] // block))
+        rows = max(1, min(ONE_VS_ALL_MAX_ROWS if one_vs_all else MAX_ROWS, TILE_ELEMS[itemsize] // block))
         return Plan(rows, block, _warps(rows * block), True)
     if block <= single_tile_max(itemsize, align, one_vs_all):
         return Plan(1, block, _warps(block), True)
