@@ -282,6 +282,11 @@ def _running_peak(deltas: Sequence[int]) -> Tuple[int, int]:
     return level, peak
 
 
+def cpu_peak_bytes(run: Callable[[], object]) -> int:
+    """Highest level of CPU-allocator bytes above the start while ``run()`` executes (profiler records)."""
+    return _running_peak(_cpu_allocations(run)[1])[1]
+
+
 def measure_memory(p: Provider, x: Tensor) -> Dict[str, int]:
     """Bytes kept from forward to backward, the peak over forward+backward and the saved-tensor total.
 

@@ -266,23 +266,9 @@ def test_double_backward_is_a_clear_error():
 
 
 def _peak_bytes_above_start(run):
-    """Highest level of CPU allocator bytes above the start while ``run()`` executes (profiler records)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from cbkernels.bench import cpu_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    level = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        level += size
-        peak = max(peak, level)
-    return peak
+    return cpu_peak_bytes(run)
 
 
 def test_full_logits_never_exist():
