@@ -80,21 +80,26 @@ class _Config:
 # Validation (API edge)
 
 
-def _check_tensors(hidden, lm_weight, bias, chunk_size) -> None:
+def _check_hidden(hidden) -> None:
     if not isinstance(hidden, Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(lm_weight, Tensor):
-        raise TypeError(f"lm_weight must be a torch.Tensor, got {type(lm_weight).__name__}")
     if hidden.dtype not in V.LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, float16, bfloat16 (or float64), got {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
+
+
+def _check_shard(hidden: Tensor, lm_weight, bias, chunk_size, *, allow_empty: bool = False) -> None:
+    """Checks of what may differ between vocab-parallel ranks (``allow_empty``: V = 0 is checked over
+    all ranks after the exchange instead)."""
+    if not isinstance(lm_weight, Tensor):
+        raise TypeError(f"lm_weight must be a torch.Tensor, got {type(lm_weight).__name__}")
     if lm_weight.dim() != 2:
         raise ValueError(f"lm_weight must have shape [V, H], got {tuple(lm_weight.shape)}")
     if lm_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_weight has H = {lm_weight.shape[1]} but hidden has H = {hidden.shape[-1]} "
                          f"(hidden {tuple(hidden.shape)}, lm_weight {tuple(lm_weight.shape)})")
-    if lm_weight.shape[0] == 0:
+    if lm_weight.shape[0] == 0 and not allow_empty:
         raise ValueError("lm_weight holds 0 classes: need V >= 1")
     if lm_weight.dtype != hidden.dtype:
         raise TypeError(f"lm_weight is {lm_weight.dtype} but hidden is {hidden.dtype}: they must match")
@@ -158,34 +163,63 @@ def _autocast_inputs(hidden, lm_weight, bias):
 # Vocabulary-parallel setup
 
 
-def _vocab_shard(process_group, hidden, lm_weight, target, samples_per_class, weight, beta, chunk_size,
+def _vocab_shard(process_group, hidden, lm_weight, bias, target, samples_per_class, weight, beta, chunk_size,
                  ignore_index) -> Tuple[_VocabShard, Tensor]:
     """Gather every rank's shard size (one tiny all-gather, read on the host) and build the global
-    ``[V]`` class weights. Every check that depends on other ranks runs on the gathered table, so all
-    ranks raise together instead of leaving the others waiting in a collective."""
+    ``[V]`` class weights.
+
+    A rank that raised before the all-gather would leave the others waiting in it, and one that raised
+    between it and the chunk loop would leave them waiting in the loop's first all-reduce. So the
+    checks of what may differ between ranks (the shard and its bias, a slice of ``weight``,
+    ``chunk_size``, the grad mode) run first without raising, their outcome travels in the same
+    all-gather, and every decision after it reads the gathered table: all ranks raise together.
+    Checks of what the contract makes identical on every rank (``hidden``, ``target``,
+    ``samples_per_class``, the options) fail identically on every rank and stay local.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group given but torch.distributed is not initialised "
                            "(call torch.distributed.init_process_group first)")
+    _check_hidden(hidden)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    device = lm_weight.device
-    v_local = lm_weight.shape[0]
-    mine = torch.tensor([v_local, target.numel(), hidden.shape[-1], chunk_size or 0,
-                         _class_len(samples_per_class, weight), int(hidden.requires_grad)],
+    device = hidden.device
+    try:
+        _check_shard(hidden, lm_weight, bias, chunk_size, allow_empty=True)
+        if weight is not None:
+            _check_weight_tensor(weight, device)
+        error = None
+    except (TypeError, ValueError) as e:
+        error = e
+    ok = error is None
+    weight_kind = (weight is not None) + 2 * (samples_per_class is not None)
+    mine = torch.tensor([lm_weight.shape[0] if ok else -1, target.numel() if isinstance(target, Tensor) else -1,
+                         hidden.shape[-1], (chunk_size or 0) if ok else -1, _class_len(samples_per_class, weight),
+                         int(hidden.requires_grad and torch.is_grad_enabled()), weight_kind, int(ok)],
                         dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=process_group)
     table = torch.stack(gathered).tolist()
+    failed = [r for r, row in enumerate(table) if not row[7]]
+    if failed:
+        if error is not None:
+            raise error
+        raise ValueError(f"vocab-parallel: rank(s) {failed} rejected their lm_weight / bias / weight / chunk_size "
+                         "(the error is raised there); every rank stops")
     sizes = [row[0] for row in table]
     total = sum(sizes)
+    empty = [r for r, s in enumerate(sizes) if s == 0]
+    if empty:
+        raise ValueError(f"vocab-parallel: every rank's lm_weight shard must hold V_r >= 1 classes; rank(s) {empty} "
+                         f"hold 0 (shard sizes per rank {sizes})")
     for col, what in ((1, "rows (hidden/target)"), (2, "hidden size H"), (3, "chunk_size"),
-                      (5, "hidden.requires_grad")):
+                      (5, "hidden.requires_grad (with grad mode on)"),
+                      (6, "class weights (none, weight or samples_per_class)")):
         if len({row[col] for row in table}) != 1:
             raise ValueError(f"vocab-parallel: every rank must pass the same {what}; per rank: "
                              f"{[row[col] for row in table]}")
     lens = [row[4] for row in table]
-    local_weight = weight is not None and all(n == s for n, s in zip(lens, sizes)) and total != v_local
+    local_weight = weight is not None and all(n == s for n, s in zip(lens, sizes)) and total != sizes[rank]
     if weight is not None and not local_weight and any(n != total for n in lens):
         raise ValueError(f"vocab-parallel: weight must be this rank's slice [V_r] on every rank or the global "
                          f"[V] = [{total}] on every rank; lengths per rank {lens}, shard sizes {sizes}")
@@ -199,11 +233,20 @@ def _vocab_shard(process_group, hidden, lm_weight, target, samples_per_class, we
     return _VocabShard(process_group, sum(sizes[:rank]), total), w
 
 
+def _check_weight_tensor(weight, device: torch.device) -> None:
+    """``V.class_weights``'s checks of a given ``weight`` that hold for a slice too (its length is
+    checked on the gathered table)."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {device}")
+
+
 def _gather_weight(local: Tensor, sizes, group) -> Tensor:
     import torch.distributed as dist
 
-    if not isinstance(local, Tensor) or not local.is_floating_point():
-        raise TypeError("weight must be a floating torch.Tensor")
     width = max(sizes)
     padded = torch.zeros(width, dtype=torch.float32, device=local.device)
     padded[: local.shape[0]] = local.detach()
@@ -508,8 +551,8 @@ def linear_cb_loss(
     Vocabulary parallel (``process_group`` given): ``lm_weight`` / ``bias`` are this rank's contiguous
     shard of the classes, shards ordered by rank; ``hidden`` and ``target`` are identical on every
     rank. Each call all-gathers the shard sizes (one tiny collective and a host read) to find this
-    rank's class offset, so shards may be uneven and no offset has to be passed or kept consistent.
-    ``weight`` may be this rank's slice ``[V_r]`` (all-gathered) or the global ``[V]``;
+    rank's class offset, so shards may be uneven (not empty) and no offset has to be passed or kept
+    consistent. ``weight`` may be this rank's slice ``[V_r]`` (all-gathered) or the global ``[V]``;
     ``samples_per_class`` must be the global ``[V]`` counts (the weights are normalised over all
     classes). Softmax losses combine each row's max and sum-exp across ranks and take the target logit
     from its owner; sigmoid / focal rows sum per-rank partial losses. The returned loss is the same on
@@ -524,10 +567,9 @@ def linear_cb_loss(
     if label_smoothing and lt != SOFTMAX:
         raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
     hidden, lm_weight, bias = _autocast_inputs(hidden, lm_weight, bias)
-    _check_tensors(hidden, lm_weight, bias, chunk_size)
-    lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
-    n = math.prod(lead)
     if process_group is None:
+        _check_hidden(hidden)
+        _check_shard(hidden, lm_weight, bias, chunk_size)
         vocab = lm_weight.shape[0]
         _check_target(target, hidden, vocab, ignore_index)
         n_cls = _class_len(samples_per_class, None)
@@ -536,9 +578,11 @@ def linear_cb_loss(
         w = V.class_weights(samples_per_class, weight, beta, vocab, hidden.device)
         backend_name, shard = resolve_backend(backend, hidden.device).name, None
     else:
-        shard, w = _vocab_shard(process_group, hidden, lm_weight, target, samples_per_class, weight, beta,
+        shard, w = _vocab_shard(process_group, hidden, lm_weight, bias, target, samples_per_class, weight, beta,
                                 chunk_size, ignore_index)
         vocab, backend_name = shard.total, backend
+    lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
+    n = math.prod(lead)
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, hidden_size, vocab)
     cfg = _Config(lt, float(gamma), float(label_smoothing), int(ignore_index), reduction, rows, backend_name,
                   bool(allow_retain_graph), shard)

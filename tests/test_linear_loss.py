@@ -364,7 +364,47 @@ def _vp_worker(rank, world, init_file):
         dist.destroy_process_group()
 
 
-def test_vocab_parallel_two_ranks_gloo(tmp_path):
+def _vp_error_worker(rank, world, init_file):
+    """Inputs that only one rank gets wrong: every rank must raise (not wait in a collective for the
+    rank that raised), and the ranks must stay in step for the next call."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # A short collective timeout turns a rank left waiting into a RuntimeError within seconds.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=5))
+    try:
+        hidden, w, b, target, counts = make_linear_inputs(seed=22)
+        weight = cb.class_balanced_weights(counts)
+        group = dist.group.WORLD
+        lo, hi = (0, V // 2) if rank == 0 else (V // 2, V)
+        # Rank 1's shard is empty (rank 0 holds every class): both ranks name rank 1.
+        empty = slice(0, V) if rank == 0 else slice(V, V)
+        with pytest.raises(ValueError, match=r"shard must hold V_r >= 1 classes; rank\(s\) \[1\] hold 0"):
+            linear_cb_loss(hidden, w[empty], target, bias=b[empty], weight=weight, process_group=group)
+        # A bad bias on rank 1 only: rank 1 raises its own error, rank 0 one that names rank 1.
+        bias = b[lo:hi].double() if rank == 1 else b[lo:hi]
+        exc, match = (TypeError, "bias is torch.float64") if rank == 1 else (ValueError, r"rank\(s\) \[1\] rejected")
+        with pytest.raises(exc, match=match):
+            linear_cb_loss(hidden, w[lo:hi], target, bias=bias, process_group=group)
+        # Class weights on rank 0 only: the ranks would compute different losses, or rank 0 alone would raise.
+        with pytest.raises(ValueError, match="same class weights"):
+            linear_cb_loss(hidden, w[lo:hi], target, weight=weight[lo:hi] if rank == 0 else None,
+                           process_group=group)
+        # Grad mode off on rank 1 only: rank 0 alone would all-reduce grad_hidden.
+        with torch.set_grad_enabled(rank == 0), pytest.raises(ValueError, match="same hidden.requires_grad"):
+            linear_cb_loss(hidden.clone().requires_grad_(True), w[lo:hi], target, process_group=group)
+        # Every rank made the same collectives: the next call still works.
+        loss = linear_cb_loss(hidden, w[lo:hi], target, bias=b[lo:hi], weight=weight[lo:hi], process_group=group)
+        ref_loss, _ = reference(hidden, w, b, target, weight, loss_type="softmax", reduction="mean")
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(worker, tmp_path, timeout_s):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -372,12 +412,20 @@ def test_vocab_parallel_two_ranks_gloo(tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     # fork where there is one: a spawned child re-imports torch and the test module, ~10x the work here.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_vp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=False,
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=False,
                              start_method=method)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     os.kill(p.pid, 9)
-            pytest.fail("vocab-parallel workers did not finish in 120 s (a collective mismatch?)")
+            pytest.fail(f"vocab-parallel workers did not finish in {timeout_s} s (a collective mismatch?)")
+
+
+def test_vocab_parallel_two_ranks_gloo(tmp_path):
+    _run_two_ranks(_vp_worker, tmp_path, 120)
+
+
+def test_vocab_parallel_one_bad_rank_raises_on_every_rank(tmp_path):
+    _run_two_ranks(_vp_error_worker, tmp_path, 60)
