@@ -6,6 +6,8 @@ Backends and kernels trust what passes here and never check again.
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -72,6 +74,23 @@ def check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> No
         torch._assert_async(~bad.any(), "cbkernels: target outside [0, C) and not ignore_index")
 
 
+def check_inplace(logits: Tensor) -> None:
+    """``inplace_backward=True`` writes each element's gradient over that element: elements sharing memory (an
+    expanded tensor, a stride-0 dim) would be written by several rows at once, concurrently on a GPU. O(ndim)."""
+    if logits.numel() == 0:
+        return
+    dims = sorted((abs(st), sz) for sz, st in zip(logits.shape, logits.stride()) if sz > 1)
+    reach = 1  # a dim must stride past everything the smaller-stride dims span (a sufficient test, exact for views)
+    for stride, size in dims:
+        if stride < reach:
+            raise ValueError(
+                f"inplace_backward=True writes the gradient over the logits, but their elements overlap in memory "
+                f"(shape {tuple(logits.shape)}, strides {tuple(logits.stride())}: e.g. an expanded tensor); pass "
+                "logits.contiguous() or use inplace_backward=False"
+            )
+        reach = stride * size
+
+
 def class_weights(
     samples_per_class, weight: Optional[Tensor], beta: float, num_classes: int, device: torch.device
 ) -> Tensor:
@@ -93,10 +112,49 @@ def class_weights(
         return torch.ones(num_classes, dtype=torch.float32, device=device)
     if torch.compiler.is_compiling():
         return _traceable_weights(samples_per_class, beta, num_classes, device)
+    key, owner = _counts_key(samples_per_class)
+    if key is not None:
+        key = (key, beta, num_classes, device)
+        hit = _WEIGHT_CACHE.get(key)
+        if hit is not None and (owner is None or hit[0]() is owner):
+            _WEIGHT_CACHE.move_to_end(key)
+            return hit[1]
     w = class_balanced_weights(samples_per_class, beta=beta)
     if w.shape[0] != num_classes:
         raise ValueError(f"samples_per_class has {w.shape[0]} classes but logits have C = {num_classes}")
-    return w.to(device)
+    w = w.to(device)
+    if key is not None:
+        _WEIGHT_CACHE[key] = (weakref.ref(owner) if owner is not None else None, w)
+        while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:
+            _WEIGHT_CACHE.popitem(last=False)
+    return w
+
+
+# Device weights of recent (counts, beta, C, device): the functional API with counts is called every step with the
+# same counts, and recomputing them would cost a host computation and a host-to-device copy (a stall, and an error
+# inside CUDA-graph capture) on every call. Values are never handed to the user (only to the kernels, which read them).
+_WEIGHT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_WEIGHT_CACHE_SIZE = 16
+
+
+def _counts_key(samples_per_class) -> tuple:
+    """(key, owner): a hashable key that changes whenever the counts may have, or (None, None) when there is none.
+
+    A tensor is keyed by identity and version counter (bumped by every in-place write, to it or to a view of it),
+    never by value, which would read a device tensor on the host; the cached entry holds a weak reference to it so
+    that a recycled ``id`` never matches. Lists, tuples and numpy arrays are keyed by value (host data already)."""
+    n = samples_per_class
+    if isinstance(n, Tensor):
+        try:
+            version = n._version
+        except RuntimeError:  # inference-mode tensors have no version counter
+            return None, None
+        return ("tensor", id(n), version, n.data_ptr(), n.device, n.dtype, tuple(n.shape)), n
+    if type(n).__module__ == "numpy" and type(n).__name__ == "ndarray" and n.dtype.kind in "biuf":
+        return ("array", n.dtype.str, n.shape, n.tobytes()), None
+    if isinstance(n, (list, tuple)) and all(type(x) in (int, float) for x in n):
+        return ("seq", tuple(n)), None
+    return None, None
 
 
 def _traceable_weights(samples_per_class, beta: float, num_classes: int, device: torch.device) -> Tensor:

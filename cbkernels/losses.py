@@ -49,6 +49,8 @@ def class_balanced_loss(
     if label_smoothing and lt != 0:
         raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
     V.check_logits_target(logits, target, ignore_index)
+    if inplace_backward and logits.requires_grad:
+        V.check_inplace(logits)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
     b = resolve_backend(backend, logits.device)
     return CBLossFunction.apply(logits, target, w, b.name, lt, float(gamma), float(label_smoothing),

@@ -1,5 +1,6 @@
 """Public API: validation at the edge, dispatch, the module, imports, autocast, compile, properties."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -248,3 +249,34 @@ def test_compile_fullgraph_with_inplace_backward(loss_type):
                       fullgraph=True, backend="aot_eager")
     f(x, t).backward()
     torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.parametrize("backend", [
+    "torch", "cpu",
+    pytest.param("triton", marks=[pytest.mark.triton_interpreter,
+                                  pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")]),
+])
+@pytest.mark.parametrize("make", ["expand_rows", "expand_middle", "stride0_classes"])
+def test_inplace_backward_rejects_overlapping_logits(backend, make):
+    """Every backend the same: a gradient written over logits whose elements share memory would be written by several
+    rows at once (concurrently on a GPU), so inplace_backward=True refuses them with a clear error."""
+    if backend not in cb.available_backends():
+        pytest.skip(f"backend {backend!r} is not built here")
+    base = torch.randn(1, 7)
+    x = {"expand_rows": lambda: base.expand(5, 7),
+         "expand_middle": lambda: base.reshape(1, 1, 7).expand(2, 3, 7),
+         "stride0_classes": lambda: torch.randn(5, 1).expand(5, 7)}[make]().requires_grad_(True)
+    t = torch.randint(0, 7, x.shape[:-1])
+    with pytest.raises(ValueError, match="overlap in memory"):
+        cb.cb_focal(x, t, inplace_backward=True, backend=backend)
+    before = base.clone()
+    # Out of place is fine (and the logits stay intact); so is a contiguous copy in place.
+    loss = cb.cb_focal(x, t, backend=backend)
+    loss.backward()
+    assert torch.equal(base, before)
+    y = x.detach().contiguous().requires_grad_(True)
+    cb.cb_focal(y * 1, t, inplace_backward=True, backend=backend).backward()
+    torch.testing.assert_close(y.grad, x.grad)
