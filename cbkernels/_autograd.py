@@ -8,6 +8,9 @@ by ``grad_output``: in place and handed over to autograd when nothing can read i
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -72,8 +75,7 @@ class CBLossFunction(torch.autograd.Function):
             # AccumulateGrad then adopts the buffer: no second gradient-sized allocation and no copy. A second
             # backward through an inplace_backward graph fails autograd's saved-tensor version check instead of
             # silently scaling twice.
-            if not _is_exactly_one_on_cpu(go):
-                grad = grad.mul_(go)
+            grad = _scale_in_place(grad, go)
         else:
             # retain_graph / create_graph / autograd.grad(..., retain_graph=True): the saved gradient must stay
             # intact for the next backward, so scale out of place.
@@ -103,6 +105,28 @@ def _saved_tensors_die_after_this_node(grad: Tensor) -> bool:
         return not keep_graph()
     except RuntimeError:  # not inside an engine-run backward
         return False
+
+
+def _scale_in_place(grad: Tensor, go: Tensor) -> Tensor:
+    """``grad *= go`` with nothing done where ``go`` is exactly 1 (``loss.backward()``'s implicit grad_output): on the
+    host where reading it is free, on the device (``_grad_scale``) where it would be a sync."""
+    if _is_exactly_one_on_cpu(go):
+        return grad
+    if _device_side_scale(grad.device.type, _traced(grad)):
+        from ._grad_scale import scale_
+
+        return scale_(grad, go)
+    return grad.mul_(go)
+
+
+def _device_side_scale(device_type: str, traced: bool) -> bool:
+    """CUDA gradients outside a traced graph (where the compiler fuses the multiply), when Triton is installed."""
+    return device_type == "cuda" and not traced and _triton_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _is_exactly_one_on_cpu(go: Tensor) -> bool:
