@@ -70,6 +70,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Pinned, not left to Triton's default (which Triton 3.9 warns about and a later release changes): the code that runs
+# is the code tools/gpu_build_check.py compiles ahead of time. FMA contraction: the kernels' error analysis assumes it.
+ENABLE_FP_FUSION = True
+
+
+def compile_options(num_warps: int) -> dict:
+    """The compile options of every launch, and of the ahead-of-time build check."""
+    return dict(num_warps=num_warps, maxnreg=maxnreg(num_warps), enable_fp_fusion=ENABLE_FP_FUSION)
+
+
 def maxnreg(num_warps: int) -> int:
     """The register cap every launch compiles with: one block's share of the register file (65536 per SM), at most
     255. Without it ptxas may cap a 16-warp block at 64 registers to fit two blocks per SM and spill 8-24 bytes of
@@ -201,20 +211,19 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_
                 logits, target, weight, scale, loss, g, loss, *common, 0, *scalars,
                 LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
                 SINGLE_TILE=plan.single_tile, SPLIT=False, ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align,
-                num_warps=plan.num_warps, maxnreg=maxnreg(plan.num_warps))
+                **compile_options(plan.num_warps))
             return loss
         ws = torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device)
         k.cb_loss_kernel[(n, plan.splits)](
             logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, *scalars,
             LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
-            SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps,
-            maxnreg=maxnreg(plan.num_warps))
+            SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align,
+            **compile_options(plan.num_warps))
         f_lt, f_gc, f_smooth, f_grad = finish_flags(lt, gamma_case, smooth, has_grad)
         k.cb_loss_split_finish_kernel[(n, plan.splits if f_grad else 1)](
             logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, plan.splits, *scalars,
             LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
-            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, num_warps=plan.num_warps,
-            maxnreg=maxnreg(plan.num_warps))
+            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, **compile_options(plan.num_warps))
     return loss
 
 

@@ -39,8 +39,9 @@ GAMMAS = (0.0, 0.5, 1.0, 2.0, 1.7)
 @pytest.mark.skipif(INTERPRETED, reason="already running under the interpreter")
 def test_interpreter_suite():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider",
-           "-k", "not test_interpreter_suite",
+    # Every test file's interpreter tests (this file's, and the Triton paths of the API and backward tests).
+    cmd = [sys.executable, "-m", "pytest", os.path.dirname(__file__), "-q", "-m", "triton_interpreter and not gpu",
+           "-p", "no:cacheprovider", "-k", "not test_interpreter_suite",
            "-W", "ignore::RuntimeWarning"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]

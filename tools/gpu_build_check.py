@@ -46,8 +46,9 @@ def triton_variants(quick: bool) -> list:
     from cbkernels._triton import launch_variants
 
     variants = list(launch_variants())
+    scale = list(_grad_scale_variants())  # few and small: always all of them
     if not quick:
-        return variants
+        return variants + scale
     heavy = {(3, 4, False), (2, 4, False), (0, 0, True)}
     single = {}  # (dtype, ALIGN) -> smallest and largest single tile
     for v in variants:
@@ -76,11 +77,20 @@ def triton_variants(quick: bool) -> list:
                 ok = c["LOSS_TYPE"] == 2 and (largest or loop)
         if ok:
             keep.append(v)
-    return keep
+    return keep + scale
+
+
+def _grad_scale_variants():
+    from cbkernels._grad_scale import launch_variants
+
+    return launch_variants()
 
 
 def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
     cdt = "fp64" if dtype == "fp64" else "fp32"
+    if kernel_name == "grad_scale_kernel":
+        sig = {"grad_ptr": f"*{dtype}", "go_ptr": f"*{cdt}", "n_rows": "i32", "n_cols": "i32", "stride_g": "i32"}
+        return sig, ["grad_ptr", "go_ptr"] + (["n_cols", "stride_g"] if align == VEC[dtype] else [])
     sig = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
            "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}",
            "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "stride_g": "i32", "cols_per_split": "i32"}
@@ -137,14 +147,14 @@ def _compile(kernel, variant: dict, arch: int):
     from triton.compiler import ASTSource
 
     consts = variant["constexprs"]
-    sig, divisible = _signature(variant["kernel"], variant["dtype"], consts["ALIGN"])
+    sig, divisible = _signature(variant["kernel"], variant["dtype"], variant.get("align", consts.get("ALIGN")))
     sig.update({k: "constexpr" for k in consts})
     names = list(kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     from cbkernels import _triton
 
-    # The same options as the dispatcher's launches.
-    options = {"num_warps": variant["num_warps"], "maxnreg": _triton.maxnreg(variant["num_warps"])}
+    # The same options as the dispatcher's launches (FP fusion pinned there, not left to the environment).
+    options = _triton.compile_options(variant["num_warps"])
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -153,7 +163,11 @@ def compile_triton_variant(job: tuple) -> dict:
     variant, arch = job
     from cbkernels import _triton
 
-    kernel = getattr(_triton.kernels(), variant["kernel"])
+    if variant["kernel"] == "grad_scale_kernel":
+        from cbkernels import _grad_scale as module
+    else:
+        module = _triton.kernels()
+    kernel = getattr(module, variant["kernel"])
     out = dict(variant, arch=arch)
     t0 = time.time()
     try:
@@ -170,6 +184,10 @@ def compile_triton_variant(job: tuple) -> dict:
 
 def describe(v: dict) -> str:
     c = v["constexprs"]
+    if v["kernel"] == "grad_scale_kernel":
+        kind = "per-row" if c["PER_ROW"] else "scalar"
+        return (f"sm_{v['arch']} {v['dtype']:4} align={v['align']} grad_scale {kind:7} "
+                f"block={c['BLOCK']:<5} warps={v['num_warps']:<2}")
     if v["kernel"] == "cb_loss_split_finish_kernel":
         path = f"split-finish splits<={c['MAX_SPLITS']}"
     elif c["SPLIT"]:
@@ -224,7 +242,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # Compile for real even if the caller's environment asks for the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton >= 3.9 warns when unset; 3.6 default
     sys.path.insert(0, str(ROOT))
     ok = check_triton(args.arch, args.quick, args.jobs)
     return 0 if ok else 1
