@@ -3,6 +3,9 @@
 //
 // The hot loops call hardware approximations explicitly (ex2.approx, rcp via __fdividef, sqrt.approx),
 // so their cost and accuracy do not depend on whether the build passes --use_fast_math.
+//
+// The host branches below serve only the CPU emulation of the kernels (tests/cuda_emu, which defines
+// CBKERNELS_CUDA_EMU and models each approximation's documented error); nvcc's host pass parses them too.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,12 +22,13 @@ namespace cbkernels::gpu {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The host branches only serve the CPU emulation of the kernels in tests/cuda_emu.
 CB_DEVICE float ex2_approx(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#elif defined(CBKERNELS_CUDA_EMU)
+  return ::emu::ex2_approx_ftz(x);
 #else
   return exp2f(x);
 #endif
@@ -35,6 +39,8 @@ CB_DEVICE float sqrt_approx(float x) {
   float y;
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#elif defined(CBKERNELS_CUDA_EMU)
+  return ::emu::sqrt_approx_ftz(x);
 #else
   return sqrtf(x);
 #endif
