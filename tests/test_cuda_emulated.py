@@ -1,8 +1,8 @@
 """The CUDA kernels' logic on CPU: csrc/cuda compiled with g++ against a CPU emulation of CUDA (tests/cuda_emu).
 
 Every path (several rows per block, a block per row, streamed and split rows), every loss and focal exponent,
-every storage dtype, misaligned and strided rows, in place, and the launch plans of realistic shapes, against
-the float64 torch backend. The emulation models the hardware approximations the kernels
+every storage dtype, misaligned and strided rows, large logits on every path, in place, and the launch plans of
+realistic shapes, against the float64 torch backend. The emulation models the hardware approximations the kernels
 call (ex2.approx, __expf, __fdividef, sqrt.approx) at their documented worst-case error (tests/cuda_emu/cuda_emu.h),
 so the float32 tolerances here are met under the GPU's arithmetic too, not only under exact libm; the exact bits
 of the approximations still differ from a GPU's (tests/test_cuda_backend.py checks those on a GPU).
@@ -202,6 +202,50 @@ def test_large_logits_stay_finite():
         ref_loss, ref_grad = _reference(logits, target, weight, scale, lt, gamma, 0.0)
         loss, grad, _ = cuda_emu.forward(logits, target, weight, scale, lt, gamma)
         _check(loss, grad, ref_loss, ref_grad, torch.float32, f"lt={lt}")
+
+
+def _large_logits(n, c, kind, dtype, *, seed, col_offset=3):
+    """Rows of |z| ~ 1e4 ("1e4": offsets of +-5e3..2e4, a spread of a few units and a ramp along the row, so the
+    running max rises in every tile and every thread), or small logits with a random third of the classes near 1e3
+    ("1e3": the max jumps by ~1e3 at the first large one, then creeps; most targets lie ~1e3 below the max). The
+    logits are a view with misaligned rows, as in _inputs."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c + col_offset, generator=g, dtype=torch.float64) * 3.0
+    if kind == "1e4":
+        offsets = torch.tensor([1e4, -1e4, 7e3, -1.3e4, 2e4, -5e3], dtype=torch.float64).repeat(n // 6 + 1)[:n]
+        z += offsets[:, None] + torch.linspace(0.0, 8.0, c + col_offset, dtype=torch.float64)
+    else:
+        z[torch.rand(z.shape, generator=g) < 0.3] += 1e3
+    target = torch.randint(0, c, (n,), generator=g)
+    target[n - 1] = -100
+    weight = torch.rand(c, generator=g, dtype=torch.float32) + 0.5
+    return z.to(dtype)[:, col_offset:], target, weight
+
+
+# Streamed rows: a warp and two warps per row (several rows per block), a block looping over two tiles, split rows.
+LARGE_CONFIGS = [("stream", 32, 1), ("stream", 64, 1), ("stream", 256, 1), ("stream", 64, 3), ("stream", 256, 2),
+                 ("stream", 256, 5)]
+LARGE_CASES = [(torch.float32, SOFTMAX, 0.0, 0.0), (torch.float32, SOFTMAX, 0.0, 0.1),
+               (torch.float32, SOFTMAX_FOCAL, 1.7, 0.0), (torch.float32, FOCAL, 0.5, 0.0),
+               (torch.bfloat16, SOFTMAX, 0.0, 0.1), (torch.float64, SOFTMAX, 0.0, 0.1)]
+
+
+@pytest.mark.parametrize("kind", ["1e4", "1e3"])
+@pytest.mark.parametrize("dtype,loss_type,gamma,eps", LARGE_CASES, ids=str)
+def test_large_logits_stream_and_split(dtype, loss_type, gamma, eps, kind):
+    # Partial sums taken under different running maxima (tiles of a thread, threads of a block, splits of a row)
+    # must combine exactly: a rescale that rounds differently from the exps shows at these magnitudes as 1e-5 to
+    # 1e-4 relative error in the row statistics.
+    logits, target, weight = _large_logits(7, 5000, kind, dtype, seed=23)
+    scale = _scale(dtype)
+    ref_loss, ref_grad = _reference(logits, target, weight, scale, loss_type, gamma, eps)
+    splits_seen = set()
+    for path, tpr, splits in LARGE_CONFIGS:
+        loss, grad, plan = cuda_emu.forward(logits, target, weight, scale, loss_type, gamma, eps, path=path,
+                                            threads_per_row=tpr, splits=splits)
+        _check(loss, grad, ref_loss, ref_grad, dtype, f"{kind} {plan}")
+        splits_seen.add(plan["splits"])
+    assert {1, 2, 3, 5} <= splits_seen
 
 
 @pytest.mark.parametrize("loss_type", [SOFTMAX, FOCAL])

@@ -51,8 +51,6 @@ struct SigmoidFamily {
 
 CB_DEVICE float amax(float a, float b) { return fmaxf(a, b); }
 CB_DEVICE double amax(double a, double b) { return fmax(a, b); }
-CB_DEVICE float exp_any(float x) { return __expf(x); }
-CB_DEVICE double exp_any(double x) { return ::exp(x); }
 CB_DEVICE float afma(float a, float b, float c) { return fmaf(a, b, c); }
 CB_DEVICE double afma(double a, double b, double c) { return ::fma(a, b, c); }
 
@@ -110,12 +108,14 @@ CB_DEVICE RowStats<A> empty_stats() {
   return {-static_cast<A>(INFINITY), A(0), A(0), A(0), A(0)};
 }
 
-// Re-expresses x relative to a max M >= x.m. A part with no finite max has s = 0 and needs no rescale (and
-// exp(-inf - M) * 0 or cnt * inf would be NaN); its dist is 0, or inf when it holds -inf logits.
+// Re-expresses x relative to a max M >= x.m: in float an exact power-of-two rescale (see ShiftedExp), so
+// statistics combined in any order, under any running maxima, hold the sum every element would have had under
+// the final max. A part with no finite max has s = 0 and needs no rescale (and exp(-inf - M) * 0 or cnt * inf
+// would be NaN); its dist is 0, or inf when it holds -inf logits.
 template <typename A>
 CB_DEVICE void rebase(RowStats<A>& x, A M) {
   if (x.m != M && x.m != -static_cast<A>(INFINITY)) {
-    x.s *= exp_any(x.m - M);
+    x.s = ShiftedExp<A>::rescale(x.s, x.m, M);
     x.dist += x.cnt * (M - x.m);
   }
   x.m = M;
@@ -315,9 +315,9 @@ CB_DEVICE SoftmaxRow<typename Storage<T>::Acc> finish_softmax_row(const KernelAr
                                                                   const ShiftedExp<typename Storage<T>::Acc>& ex,
                                                                   typename Storage<T>::Acc m) {
   using A = typename Storage<T>::Acc;
-  return softmax_row<A>(m, st.s, ex(st.zy), st.dist, st.zy, r.a, load_scale<A>(p), static_cast<A>(p.num_classes),
-                        p.softmax_focal ? A(0) : static_cast<A>(p.label_smoothing), p.gamma,
-                        p.gamma_kind, p.softmax_focal);
+  return softmax_row<A>(m, ex.log_offset(m), st.s, ex(st.zy), st.dist, st.zy, r.a, load_scale<A>(p),
+                        static_cast<A>(p.num_classes), p.softmax_focal ? A(0) : static_cast<A>(p.label_smoothing),
+                        p.gamma, p.gamma_kind, p.softmax_focal);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ namespace cbkernels::gpu {
 #define CB_DEVICE __device__ __forceinline__
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 CB_DEVICE float ex2_approx(float x) {
 #if defined(__CUDA_ARCH__)
@@ -44,6 +45,15 @@ CB_DEVICE float sqrt_approx(float x) {
 #else
   return sqrtf(x);
 #endif
+}
+
+// s * 2^d for an integer-valued d <= 0, exact unless the product is subnormal: two multiplications by powers of
+// two built from their exponent bits (2^d alone is not a float below 2^-149; a sum below 2^-252 s is 0 anyway).
+CB_DEVICE float scale_pow2(float s, float d) {
+  const int n = static_cast<int>(fmaxf(d, -252.0f));
+  const int n1 = n > -126 ? n : -126;
+  return s * __uint_as_float(static_cast<unsigned>(127 + n1) << 23) *
+         __uint_as_float(static_cast<unsigned>(127 + n - n1) << 23);
 }
 
 // log1p(x) for x in [0, 1], the only range sigmoid_terms needs (x = exp(-|v|)): x P(x) with P a degree-8
@@ -80,18 +90,33 @@ template <typename A> struct ElemMath;
 template <> struct ElemMath<float> { using type = FastMathF32; };
 template <> struct ElemMath<double> { using type = ScalarMath<double>; };  // float64 stays exact: no approximations
 
-// exp(x - m) for every element of a row with max m: in float one FFMA and one ex2 per element. The
-// rounding of m log2(e) scales every exp by the same factor, which cancels in p = e / sum and s_other / e_y.
+// The exps of a row relative to its (running) max m, and the rescaling of a sum of them from one max to another.
+//
+// float: e = 2^(x log2(e) - k) with the integer k = rint(m log2(e)), one FFMA and one ex2 per element. Two sums
+// taken under maxima m1 <= m2 differ by exactly 2^(k(m1) - k(m2)), an exponent shift (rescale), so partial sums
+// of tiles, threads and splits combine with no rounding whatever their maxima; k is monotonic in m, so a rescale
+// never grows a sum. The max element's e is 2^r, r = m log2(e) - k, |r| <= 1/2 + 2^-24 |m log2(e)| (rint, then
+// the rounding of m log2(e)): below 0.6 for |m| < 2^20, so every e <= 2^0.6 and sum <= 1.6 C, no overflow. The
+// shift is k ln 2 rather than m: a common factor 2^r that cancels in p = e / sum and s_other / e_y, and that
+// log_offset takes out of log(sum). double: exp(x - m), exact to the last bit, no offset.
 template <typename A> struct ShiftedExp;
 template <> struct ShiftedExp<float> {
-  float neg_shift;
-  CB_DEVICE explicit ShiftedExp(float m) : neg_shift(-m * kLog2e) {}
-  CB_DEVICE float operator()(float x) const { return ex2_approx(fmaf(x, kLog2e, neg_shift)); }
+  float neg_k;
+  static CB_DEVICE float shift(float m) { return rintf(m * kLog2e); }
+  CB_DEVICE explicit ShiftedExp(float m) : neg_k(-shift(m)) {}
+  CB_DEVICE float operator()(float x) const { return ex2_approx(fmaf(x, kLog2e, neg_k)); }
+  // log(sum_j exp(z_j - m)) - log(sum_j e_j) = -r ln 2, r rounded once by the same FMA as in operator().
+  CB_DEVICE float log_offset(float m) const { return -fmaf(m, kLog2e, neg_k) * kLn2; }
+  static CB_DEVICE float rescale(float s, float m_from, float m_to) {
+    return scale_pow2(s, shift(m_from) - shift(m_to));
+  }
 };
 template <> struct ShiftedExp<double> {
   double m;
   CB_DEVICE explicit ShiftedExp(double m_) : m(m_) {}
   CB_DEVICE double operator()(double x) const { return ::exp(x - m); }
+  CB_DEVICE double log_offset(double) const { return 0.0; }
+  static CB_DEVICE double rescale(double s, double m_from, double m_to) { return s * ::exp(m_from - m_to); }
 };
 
 // A max of -inf (no finite logit yet) would make exp(x - m) a NaN for -inf logits: shift by 0 instead.
@@ -181,7 +206,8 @@ template <> struct Storage<__half> {
 
 // Per-row epilogue of the softmax losses (SPEC sections 3-4) from the row statistics relative to the row
 // max m (already passed through finite_or_zero): s_other = sum_{j != y} e_j, e_y, dist = sum_j (m - z_j)
-// and the target logit z_y. The gradient is g_j = k1 e_j - k0 for j != y and g_y at the target.
+// and the target logit z_y; log_offset = ShiftedExp(m).log_offset(m). The gradient is g_j = k1 e_j - k0 for
+// j != y and g_y at the target.
 template <typename A> struct SoftmaxRow {
   A loss;  // a_i l_i
   A k1;
@@ -190,10 +216,11 @@ template <typename A> struct SoftmaxRow {
 };
 
 template <typename A>
-CB_DEVICE SoftmaxRow<A> softmax_row(A m, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes, A eps,
-                                    double gamma, GammaKind gk, bool focal) {
+CB_DEVICE SoftmaxRow<A> softmax_row(A m, A log_offset, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes,
+                                    A eps, double gamma, GammaKind gk, bool focal) {
   const A sum = s_other + ey;
-  const A nll = softmax_nll(m, zy, ey, s_other);
+  // L = (m - z_y) + log(sum exp(z - m)); softmax_nll's direct form (e_y not normal) reads it as "m" - "z_y".
+  const A nll = softmax_nll((m - zy) + log_offset, A(0), ey, s_other);
   A row_loss = nll, coef = A(1);
   if (focal) {
     A mod;
@@ -201,8 +228,7 @@ CB_DEVICE SoftmaxRow<A> softmax_row(A m, A s_other, A ey, A dist, A zy, A a, A s
     row_loss = mod * nll;
   } else if (eps != A(0)) {
     // (eps/C) sum_j (lse - z_j) = eps (lse - mean_j z_j) = eps (L + mean_j (m - z_j) - (m - z_y)), with L the
-    // accurate nll: no log(sum), whose float exps carry a common factor 2^(m log2(e) - fl(m log2(e))) that
-    // only cancels in ratios; exactly 0 for C = 1.
+    // accurate nll: no log(sum) of the float exps, shifted by k ln 2 rather than m; exactly 0 for C = 1.
     row_loss = (A(1) - eps) * nll + eps * (nll + dist / num_classes - (m - zy));
   }
   const A k = a * scale * coef;
