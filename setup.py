@@ -22,6 +22,14 @@ ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
 }
 
+# The CUDA architectures built when TORCH_CUDA_ARCH_LIST is unset: native code for Turing (7.5, the oldest the CUDA
+# backend supports: cbkernels._backends.MIN_CAPABILITY), Ampere (8.0, which also runs on 8.6/8.7/8.9: same major
+# version) and Hopper (9.0), plus compute_90 PTX, which the driver compiles at first load on any newer GPU (Blackwell
+# sm_100/sm_120 and later), where native code for older majors cannot run. A fixed list rather than torch's own
+# (torch.cuda.get_arch_list() is empty on a GPU-less build host, and torch's CUDA 13 wheels list six architectures:
+# three times the build). tools/nvcc_build_check.py compiles all of these, and that PTX for sm_100 and sm_120.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
+
 
 def _isas():
     if os.environ.get("CBKERNELS_CPU_ISAS"):  # e.g. "DEFAULT" for a quick build
@@ -70,7 +78,7 @@ def _extensions():
     skip = os.environ.get("CBKERNELS_SKIP_CUDA") == "1"
     use_cuda = bool(cuda_sources) and not skip and (force or (torch.version.cuda is not None and CUDA_HOME is not None))
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         ext = CUDAExtension(
             "cbkernels._C",
             cpu_sources + cuda_sources,

@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -78,6 +78,57 @@ def _triton_available() -> bool:
 
 # Also run once at trace time (find_spec is not traceable either).
 _triton_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+# Oldest compute capability each GPU backend runs on (README "Supported GPUs"); below it the backend raises a clear
+# error and "auto" takes the next backend, instead of the driver's "no kernel image is available".
+MIN_CAPABILITY = {
+    # sm_75 (Turing, T4): the oldest target of CUDA 13's nvcc and of torch's CUDA 13 wheels. setup.py builds native
+    # code from it up (its DEFAULT_CUDA_ARCH_LIST starts there) and tools/nvcc_build_check.py compiles every kernel
+    # for it without a warning or a spill. Volta (7.0) would need a CUDA 12 toolkit and was never compiled for.
+    "cuda": (7, 5),
+    # Triton's own supported hardware is compute capability 8.0+ (its README): older GPUs are not tested upstream.
+    "triton": (8, 0),
+}
+
+
+def cuda_device_arch(index: int) -> Tuple[str, Tuple[int, int]]:
+    """Name and compute capability ``(major, minor)`` of CUDA device ``index``: the one place that asks the driver
+    (the tests replace it to play any GPU)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.name, (props.major, props.minor)
+
+
+_TOO_OLD: Dict[tuple, str] = {}  # (backend, device index) -> why the backend cannot run there, or ""
+
+
+def gpu_too_old(backend: str, index: Optional[int]) -> str:
+    """Why ``backend`` cannot run on CUDA device ``index`` (its compute capability is below
+    ``MIN_CAPABILITY[backend]``), or "" when it can. The device is asked once per (backend, index), never at import,
+    so dispatch pays a dictionary lookup per call."""
+    if backend not in MIN_CAPABILITY or (backend == "triton" and triton_interpret()):  # the interpreter runs anywhere
+        return ""
+    if index is None:
+        index = torch.cuda.current_device()
+    key = (backend, index)
+    if key not in _TOO_OLD:
+        name, cap = cuda_device_arch(index)
+        cap, need = tuple(cap), MIN_CAPABILITY[backend]
+        _TOO_OLD[key] = "" if cap >= need else (
+            f"backend {backend!r} needs a GPU of compute capability {need[0]}.{need[1]} or newer, but cuda:{index} "
+            f"({name}) has compute capability {cap[0]}.{cap[1]}. Use "
+            + " or ".join(f"backend={b!r}" for b in _fallbacks(cap, backend))
+            + " on this GPU (backend='auto' picks one); see \"Supported GPUs\" in the README.")
+    return _TOO_OLD[key]
+
+
+def _fallbacks(cap: tuple, too_new_for: str) -> List[str]:
+    gpu = [b for b, m in MIN_CAPABILITY.items() if b != too_new_for and cap >= m and _REGISTRY[b].is_available()]
+    return gpu + ["torch"]
+
+
+# Run once per argument at trace time under torch.compile (it asks the driver, which is not traceable).
+gpu_too_old._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _load(module: str) -> Callable[[], tuple]:
@@ -154,7 +205,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
             order = ("cuda", "triton", "torch") if CUDA_BACKEND_VERIFIED else ("triton", "torch")
         else:
             order = ("cpu", "torch")
-        b = next(_REGISTRY[n] for n in order if device.type in _REGISTRY[n].devices and _REGISTRY[n].is_available())
+        b = next(_REGISTRY[n] for n in order if device.type in _REGISTRY[n].devices and _REGISTRY[n].is_available()
+                 and not (device.type == "cuda" and gpu_too_old(n, device.index)))
         _ensure_loaded(b.name)
         return b
     b = _REGISTRY[backend]
@@ -164,6 +216,9 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         )
     if device.type not in b.devices or (backend == "triton" and device.type == "cpu" and not triton_interpret()):
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
+    too_old = gpu_too_old(backend, device.index) if device.type == "cuda" else ""
+    if too_old:
+        raise RuntimeError(too_old)
     _ensure_loaded(b.name)
     return b
 
