@@ -25,9 +25,10 @@ ISA_FLAGS = {
 # The CUDA architectures built when TORCH_CUDA_ARCH_LIST is unset: native code for Turing (7.5, the oldest the CUDA
 # backend supports: cbkernels._backends.MIN_CAPABILITY), Ampere (8.0, which also runs on 8.6/8.7/8.9: same major
 # version) and Hopper (9.0), plus compute_90 PTX, which the driver compiles at first load on any newer GPU (Blackwell
-# sm_100/sm_120 and later), where native code for older majors cannot run. A fixed list rather than torch's own
-# (torch.cuda.get_arch_list() is empty on a GPU-less build host, and torch's CUDA 13 wheels list six architectures:
-# three times the build). tools/nvcc_build_check.py compiles all of these, and that PTX for sm_100 and sm_120.
+# sm_100/sm_120 and later), where native code for older majors cannot run. A fixed list: left unset, torch builds
+# for the build host's visible GPUs only (nothing on a GPU-less host), and torch's own list
+# (torch.cuda.get_arch_list(), also empty without a GPU) would be every architecture from Turing to Blackwell, twice
+# the build. tools/nvcc_build_check.py compiles all of these, and that PTX as the driver does for sm_100/110/120.
 DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 
