@@ -14,7 +14,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ._backends import get_backend
+from ._backends import get_backend, gpu_too_old
 
 
 def _reduction_scale(target: Tensor, weight: Tensor, ignore_index: int, reduction: str, dtype) -> Tensor:
@@ -112,16 +112,17 @@ def _scale_in_place(grad: Tensor, go: Tensor) -> Tensor:
     host where reading it is free, on the device (``_grad_scale``) where it would be a sync."""
     if _is_exactly_one_on_cpu(go):
         return grad
-    if _device_side_scale(grad.device.type, _traced(grad)):
+    if _device_side_scale(grad.device.type, _traced(grad), grad.device.index):
         from ._grad_scale import scale_
 
         return scale_(grad, go)
     return grad.mul_(go)
 
 
-def _device_side_scale(device_type: str, traced: bool) -> bool:
-    """CUDA gradients outside a traced graph (where the compiler fuses the multiply), when Triton is installed."""
-    return device_type == "cuda" and not traced and _triton_importable()
+def _device_side_scale(device_type: str, traced: bool, index=None) -> bool:
+    """CUDA gradients outside a traced graph (where the compiler fuses the multiply), when Triton is installed and
+    runs on that GPU."""
+    return device_type == "cuda" and not traced and _triton_importable() and not gpu_too_old("triton", index)
 
 
 @functools.lru_cache(maxsize=None)

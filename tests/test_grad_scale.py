@@ -15,19 +15,23 @@ from conftest import make_inputs, oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbkernels as cb
-from cbkernels import _autograd
+from cbkernels import _autograd, _backends
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def test_cuda_gradients_are_scaled_on_the_device():
-    """The CUDA path must not go back to an unconditional mul_ (a full extra pass) or to a host read."""
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (12, 0), (7, 5)])
+def test_cuda_gradients_are_scaled_on_the_device(monkeypatch, capability):
+    """The CUDA path must not go back to an unconditional mul_ (a full extra pass) or to a host read; on a GPU that
+    Triton does not support it keeps mul_."""
+    monkeypatch.setattr(_backends, "cuda_device_arch", lambda index: ("a GPU", capability))
+    monkeypatch.setattr(_backends, "_TOO_OLD", {})
     if importlib.util.find_spec("triton") is None:
-        assert not _autograd._device_side_scale("cuda", False)
+        assert not _autograd._device_side_scale("cuda", False, 0)
         return
-    assert _autograd._device_side_scale("cuda", False)
-    assert not _autograd._device_side_scale("cuda", True)  # traced: the compiler fuses the multiply
+    assert _autograd._device_side_scale("cuda", False, 0) == (capability >= _backends.MIN_CAPABILITY["triton"])
+    assert not _autograd._device_side_scale("cuda", True, 0)  # traced: the compiler fuses the multiply
     assert not _autograd._device_side_scale("cpu", False)  # the CPU reads grad_output on the host for free
 
 
@@ -123,7 +127,7 @@ def test_backward_scales_on_the_device(monkeypatch, reduction, upstream, inplace
     """backward with the device-side scale (as on CUDA): the gradient is right, and no gradient-sized ATen op runs."""
     # As on CUDA: no host read of grad_output, the device-side scale instead.
     monkeypatch.setattr(_autograd, "_is_exactly_one_on_cpu", lambda go: False)
-    monkeypatch.setattr(_autograd, "_device_side_scale", lambda device_type, traced: not traced)
+    monkeypatch.setattr(_autograd, "_device_side_scale", lambda device_type, traced, index=None: not traced)
     z, target, counts = make_inputs(6, 37, seed=3)
     weight = cb.class_balanced_weights(counts)
     x = z.clone().requires_grad_(True)

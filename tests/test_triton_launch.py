@@ -56,7 +56,7 @@ def test_every_launch_pins_the_compile_options(monkeypatch, path):
     monkeypatch.setattr(T, "kernels", lambda: fake)
     monkeypatch.setattr(_grad_scale, "grad_scale_kernel", rec(_grad_scale.grad_scale_kernel, seen))
     monkeypatch.setattr(_autograd, "_is_exactly_one_on_cpu", lambda go: False)
-    monkeypatch.setattr(_autograd, "_device_side_scale", lambda device_type, traced: not traced)
+    monkeypatch.setattr(_autograd, "_device_side_scale", lambda device_type, traced, index=None: not traced)
     if path == "split":
         monkeypatch.setattr(T, "SMALL_C_MAX", 16)
         monkeypatch.setattr(T, "SINGLE_TILE_MAX", {2: 64, 4: 64, 8: 64})
