@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	$(PY) -m cbkernels.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

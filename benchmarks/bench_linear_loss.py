@@ -7,14 +7,14 @@
 Providers, forward + backward of the mean loss with respect to ``hidden`` and ``lm_weight`` (no bias):
 
 - ``ours``: ``linear_cb_loss(hidden, lm_weight, target, weight=w, loss_type=...)``, default chunking.
-- ``naive``: ``F.linear`` then ``cbkernels.reference.naive_cb_loss`` (what users write today).
+- ``naive``: ``F.linear`` then ``benchmarks.harness.naive_cb_loss`` (what users write today).
 - ``linear_cross_entropy``: ``torch.nn.functional.linear_cross_entropy(..., weight=w,
   options=torch.nn.LinearCrossEntropyOptions())`` (its chunked path), softmax only, when this torch has it.
 
 Time: every provider runs in the same process on the same inputs, one untimed warm-up step each, then
-rounds in which every provider steps once, the order rotated per round so that machine noise hits them
-alike; median per provider. Memory: see ``MEMORY_METHOD``. Results: ``<stem>.json`` and ``<stem>.md``
-under ``--out`` (default ``benchmarks/results``), the machine named.
+``harness.timed_rounds``: rounds in which every provider steps once, the order rotated per round so that
+machine noise hits them alike; median per provider. Memory: see ``MEMORY_METHOD``. Results: ``<stem>.json``
+and ``<stem>.md`` under ``--out`` (default ``benchmarks/results``), the machine named.
 """
 
 from __future__ import annotations
@@ -22,23 +22,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_linear_loss.py): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LOSSES = ("softmax", "sigmoid", "focal", "softmax_focal")
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import LOSSES, naive_cb_loss  # noqa: E402
+
 SHAPES = {"cpu": (2048, 1024, 32768, "float32"), "quick": (512, 256, 8192, "float32"),
           "cuda": (8192, 4096, 128256, "bfloat16")}
 HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
@@ -62,22 +61,13 @@ MEMORY_METHOD = {
 }
 
 
-def long_tailed_counts(classes: int, imbalance: float = 100.0, n_max: int = 1000) -> torch.Tensor:
-    c = torch.arange(classes, dtype=torch.float64)
-    return (n_max * imbalance ** (-c / max(classes - 1, 1))).round().clamp(min=1)
-
-
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
     """hidden ``[N, H]`` and lm_weight ``[V, H]`` leaves (logits of std ~2), long-tailed targets, weights."""
-    from cbkernels import class_balanced_weights
-
     g = torch.Generator().manual_seed(seed)
-    counts = long_tailed_counts(v)
-    target = torch.multinomial(counts, n, replacement=True, generator=g)
+    target, w = harness.long_tailed_targets(n, v, g, beta=0.999)
     hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(device=device, dtype=dtype).requires_grad_(True)
-    w = class_balanced_weights(counts, beta=0.999).to(device)
-    return hidden, weight, target.to(device), w
+    return hidden, weight, target.to(device), w.to(device)
 
 
 def providers_for(loss: str) -> List[str]:
@@ -89,7 +79,6 @@ def providers_for(loss: str) -> List[str]:
 
 def make_step(name: str, loss: str, gamma: float, hidden, lm_weight, target, w) -> Callable[[], None]:
     from cbkernels.linear_loss import linear_cb_loss
-    from cbkernels.reference import naive_cb_loss
 
     if name == "ours":
         return lambda: linear_cb_loss(hidden, lm_weight, target, weight=w, loss_type=loss, gamma=gamma).backward()
@@ -106,11 +95,6 @@ def make_step(name: str, loss: str, gamma: float, hidden, lm_weight, target, w) 
 def _zero(*leaves) -> None:
     for t in leaves:
         t.grad = None
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,12 +116,6 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _profiled_peak(run: Callable[[], None]) -> int:
-    from cbkernels.bench import cpu_peak_bytes
-
-    return cpu_peak_bytes(run)
-
-
 def measure_memory(name: str, loss: str, gamma: float, shape, device: str) -> Dict[str, Optional[int]]:
     n, h, v, dt = shape
     hidden, lm_weight, target, w = make_inputs(n, h, v, getattr(torch, dt), device)
@@ -145,19 +123,12 @@ def measure_memory(name: str, loss: str, gamma: float, shape, device: str) -> Di
     step()
     _zero(hidden, lm_weight)
     gc.collect()
-    _sync(device)
+    harness.sync(device)
     rss = None
-    if device == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        start = _vm("VmRSS") if _reset_hwm() else None
-        peak = _profiled_peak(step)
-        if start is not None:
-            rss = _vm("VmHWM") - start
+    start = _vm("VmRSS") if device == "cpu" and _reset_hwm() else None
+    _, peak = harness.peak_bytes(step, device)
+    if start is not None:
+        rss = _vm("VmHWM") - start
     outputs = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, lm_weight) if t.grad is not None)
     return {"peak_bytes": int(peak), "output_bytes": int(outputs), "overhead_bytes": int(peak - outputs),
             "rss_peak_bytes": rss}
@@ -178,45 +149,19 @@ def measure_time(names: List[str], loss: str, gamma: float, shape, device: str, 
     n, h, v, dt = shape
     hidden, lm_weight, target, w = make_inputs(n, h, v, getattr(torch, dt), device)
     steps = {p: make_step(p, loss, gamma, hidden, lm_weight, target, w) for p in names}
-    times: Dict[str, List[float]] = {p: [] for p in names}
     for p in names:  # warm-up
         _zero(hidden, lm_weight)
         steps[p]()
-    for r in range(reps):
-        for p in names[r % len(names):] + names[: r % len(names)]:
-            _zero(hidden, lm_weight)
-            gc.collect()
-            _sync(device)
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                steps[p]()
-                end.record()
-                end.synchronize()
-                times[p].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                steps[p]()
-                times[p].append(time.perf_counter() - t0)
-    return times
+
+    def prepare() -> None:
+        _zero(hidden, lm_weight)
+        gc.collect()
+
+    return harness.timed_rounds(steps, device, min_reps=reps, max_reps=reps, prepare=prepare)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Driver
-
-
-def machine(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
-        info["load_average_at_start"] = list(os.getloadavg())
-    except (OSError, StopIteration):
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def run(shape, device: str, losses, reps: int, gamma: float, memory: bool = True) -> dict:
@@ -249,7 +194,7 @@ def run(shape, device: str, losses, reps: int, gamma: float, memory: bool = True
 
     return {"shape": dict(zip(("N", "H", "V", "dtype"), shape)), "device": device, "reps": reps,
             "gamma": gamma, "ours_loss_backend": resolve_backend("auto", torch.device(device)).name,
-            "linear_cross_entropy_available": HAS_LCE, "machine": machine(device),
+            "linear_cross_entropy_available": HAS_LCE, "machine": harness.machine_info(device),
             "memory_method": MEMORY_METHOD[device], "rows": rows}
 
 
@@ -279,9 +224,7 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: Path, stem: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    harness.write_results(out, stem, result, md=markdown(result))
     print(markdown(result))
     print(f"wrote {out / stem}.json and .md", file=sys.stderr)
 
@@ -304,7 +247,7 @@ def cuda_accuracy_check() -> dict:
     return out
 
 
-def run_cuda_case(out: Path = ROOT / "benchmarks" / "results", reps: int = 5, losses=("softmax",),
+def run_cuda_case(out: Path = harness.RESULTS_DIR, reps: int = 5, losses=("softmax",),
                   gamma: float = 0.5) -> Optional[dict]:
     """The bf16 GPU case (N=8192, H=4096, V=128256), for the GPU check script; None without CUDA."""
     if not torch.cuda.is_available():
@@ -323,7 +266,7 @@ def main(argv=None) -> Optional[dict]:
     ap.add_argument("--losses", default="softmax", help=f"comma-separated from {LOSSES}, or 'all'")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3 on CPU, 2 with --quick)")
     ap.add_argument("--gamma", type=float, default=0.5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     ap.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker:

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the cases of ``python -m cbkernels.bench``, one benchmark per shape, loss, provider.
+"""pytest-benchmark suite: the cases of ``make bench`` (``benchmarks/bench.py``), one per shape, loss, provider.
 
     pytest benchmarks/ --benchmark-enable                       # everything (a few minutes on 2 cores)
     pytest benchmarks/ --benchmark-enable -k "imagenet and focal"
@@ -6,7 +6,7 @@
 
 Each benchmark is forward+backward of the mean loss; benchmarks are grouped per case, so pytest-benchmark's
 table compares the providers of one case. The memory kept between forward and backward (see
-``cbkernels.bench.MEMORY_METHOD``) goes to each benchmark's ``extra_info``. Environment:
+``benchmarks.bench.MEMORY_METHOD``) goes to each benchmark's ``extra_info``. Environment:
 ``CBKERNELS_BENCH_DEVICE`` (cpu | cuda, default cpu), ``CBKERNELS_BENCH_DTYPE`` (default float32),
 ``CBKERNELS_BENCH_THREADS`` (default 2 on CPU). Without ``--benchmark-enable`` (the project's default)
 every case runs once, untimed: a smoke run.
@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from cbkernels import bench
+from benchmarks import bench, harness
 
 DEVICE = os.environ.get("CBKERNELS_BENCH_DEVICE", "cpu")
 DTYPE = os.environ.get("CBKERNELS_BENCH_DTYPE", "float32")
@@ -28,7 +28,8 @@ GAMMA = 0.5
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("CBKERNELS_BENCH_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
-CASES = [(loss, prov) for loss in bench.LOSSES for prov in bench.default_providers(DEVICE) if bench.applies(prov, loss)]
+CASES = [(loss, prov) for loss in harness.LOSSES for prov in bench.default_providers(DEVICE)
+         if bench.applies(prov, loss)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +49,7 @@ def _inputs(batch, classes):
 
 def _step_synced(p, x):
     bench.step(p, x)
-    bench.sync(x.device)
+    harness.sync(x.device)
 
 
 @pytest.mark.parametrize("loss,provider", CASES, ids=[f"{lt}-{p}" for lt, p in CASES])

@@ -11,7 +11,7 @@ once per loss and dtype). Providers:
 - ``triton-kernel``: the ``cbkernels::cb_loss_fwd_triton`` op alone (loss and gradient in one launch);
 - ``cuda`` / ``cuda-kernel``: the same for the CUDA C++ backend (``cbkernels::cb_loss_fwd`` on CUDA tensors), when
   the extension was built with its CUDA kernels;
-- ``eager``: ``cbkernels.reference.naive_cb_loss`` at the working dtype (what users write today);
+- ``eager``: ``benchmarks.harness.naive_cb_loss`` at the working dtype (what users write today);
 - ``compile``: ``torch.compile`` of the same function.
 
 Effective bandwidth = (logits read + gradient written) / time, also as a fraction of a device-to-device copy
@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
+import functools
 import re
 import statistics
 import sys
@@ -33,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a script (python benchmarks/gpu_bench.py): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cbkernels as cb  # noqa: E402
-from cbkernels.reference import naive_cb_loss  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import LOSSES, naive_cb_loss  # noqa: E402
 
 # (N, C, dtypes): the paper's iNaturalist 2018 head (8142), ImageNet, an LM vocabulary (32000), Llama 3's
 # 128256 (bf16 only: the fp32 eager baseline alone needs tens of GB), and few rows of a huge vocabulary.
@@ -47,31 +47,18 @@ BF16_ONLY = {(4096, 128256)}
 GAMMA = 0.5
 
 
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
+def median_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` runs: CUDA events on a GPU, perf_counter on the CPU (smoke)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * statistics.median(harness.timed_rounds({"fn": fn}, device, min_reps=reps, max_reps=reps)["fn"])
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     """GB/s of a device-to-device copy (bytes read + bytes written)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), reps=20, warmup=3)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=20, warmup=3)
     return 2 * nbytes / ms / 1e6
 
 
@@ -81,8 +68,10 @@ def reps_for(nbytes: int) -> int:
 
 def make_step(provider: str, loss_type: str, logits, target, weight, compiled: dict):
     if provider in ("triton-kernel", "cuda-kernel"):
+        from cbkernels._backends import LOSS_TYPES
+
         scale = torch.ones((), device=logits.device)
-        lt = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}[loss_type]
+        lt = LOSS_TYPES[loss_type]
         op = torch.ops.cbkernels.cb_loss_fwd_triton if provider == "triton-kernel" else torch.ops.cbkernels.cb_loss_fwd
 
         def step():
@@ -113,18 +102,24 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
     return step
 
 
+def time_provider(provider: str, loss_type: str, logits, target, weight, compiled: dict) -> float:
+    """Median milliseconds of one provider's step on one case (a GPU's repetitions, or a smoke run's two)."""
+    step = make_step(provider, loss_type, logits, target, weight, compiled)
+    if logits.is_cuda:
+        return median_ms(step, "cuda", reps_for(2 * logits.numel() * logits.element_size()), warmup=2)
+    return median_ms(step, "cpu", 2, warmup=1)
+
+
 def run(losses, budget_s: float, providers, cases=CASES, dtypes=tuple(DTYPES), device="cuda") -> dict:
     on_gpu = device == "cuda"
     meta = {
-        "gpu": torch.cuda.get_device_name(0) if on_gpu else f"CPU (smoke run) {platform.processor()}",
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 0,
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if on_gpu else "-",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "cuda": torch.version.cuda, "gamma": GAMMA,
+        "gpu": "CPU (smoke run)", "gpu_sm_count": 0, "gpu_capability": "-", **harness.machine_info(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "triton": __import__("triton").__version__,
+        "gamma": GAMMA,
         "method": "forward+backward, median of CUDA-event timings; bandwidth counts logits read + gradient written",
     }
     meta["copy_GBps"] = round(copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 24)), 1)
-    print(f"# {meta['gpu']} ({meta['sm_count']} SMs), torch {meta['torch']}, triton {meta['triton']}, "
+    print(f"# {meta['gpu']} ({meta['gpu_sm_count']} SMs), torch {meta['torch']}, triton {meta['triton']}, "
           f"device copy {meta['copy_GBps']} GB/s", flush=True)
     t_start = time.time()
     compiled: dict = {}
@@ -145,20 +140,16 @@ def run(losses, budget_s: float, providers, cases=CASES, dtypes=tuple(DTYPES), d
                     if provider == "compile" and time.time() - t_start > budget_s:
                         row[provider] = None  # over the time budget: torch.compile is the slow one to warm up
                         continue
+                    # The step (and the copy of the logits it makes) is built inside the peak-memory window.
+                    timed = functools.partial(time_provider, provider, loss_type, logits, target, weight, compiled)
                     try:
-                        if on_gpu:
-                            torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated() if on_gpu else 0
-                        step = make_step(provider, loss_type, logits, target, weight, compiled)
-                        ms = median_ms(step, reps_for(nbytes) if on_gpu else 2, warmup=2 if on_gpu else 1)
-                        peak = torch.cuda.max_memory_allocated() - base if on_gpu else 0
+                        ms, peak = harness.peak_bytes(timed, device) if on_gpu else (timed(), 0)
                         row[provider] = {"ms": round(ms, 4), "GBps": round(nbytes / ms / 1e6, 1),
                                          "frac_copy": round(nbytes / ms / 1e6 / meta["copy_GBps"], 3),
                                          "peak_MB": round(peak / 2**20, 1)}
                     except Exception as e:  # an OOM or compile failure is a result, not the end of the run
-                        row[provider] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                        row[provider] = {"error": harness.one_line(e)}
                     finally:
-                        step = None
                         if on_gpu:
                             torch.cuda.empty_cache()
                 rows.append(row)
@@ -191,9 +182,8 @@ def format_row(row, providers) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--losses", nargs="+", default=["softmax", "focal"],
-                        choices=["softmax", "sigmoid", "focal", "softmax_focal"])
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR))
+    parser.add_argument("--losses", nargs="+", default=["softmax", "focal"], choices=LOSSES)
     parser.add_argument("--providers", nargs="+", default=None,
                         help="default: triton, triton-kernel, then cuda and cuda-kernel when the CUDA C++ backend is "
                              "built, eager, compile")
@@ -213,18 +203,15 @@ def main(argv=None) -> int:
         args.providers += ["eager", "compile"]
     cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
     result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["gpu"]).strip("-").lower()
-    stem = out / f"gpu_bench_{gpu}_{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem = f"gpu_bench_{gpu}_{datetime.date.today().isoformat()}"
     m = result["meta"]
-    header = (f"{m['gpu']} ({m['sm_count']} SMs, sm_{m['capability']}), {m['date']}, torch {m['torch']}, "
-              f"triton {m['triton']}, CUDA {m['cuda']}; device-to-device copy {m['copy_GBps']} GB/s\n"
+    header = (f"{m['gpu']} ({m['gpu_sm_count']} SMs, sm_{m['gpu_capability']}), {m['date']}, torch {m['torch']}, "
+              f"triton {m['triton']}, CUDA {m['torch_cuda']}; device-to-device copy {m['copy_GBps']} GB/s\n"
               f"{m['method']}; % = fraction of the copy's bandwidth; gamma {m['gamma']}\n")
     table = "\n".join(format_row(r, args.providers) for r in result["rows"])
-    stem.with_suffix(".txt").write_text(header + table + "\n")
-    print(f"wrote {stem}.json and .txt")
+    harness.write_results(Path(args.out), stem, result, txt=header + table + "\n")
+    print(f"wrote {Path(args.out) / stem}.json and .txt")
     return 0
 
 

@@ -266,7 +266,7 @@ def test_double_backward_is_a_clear_error():
 
 
 def _peak_bytes_above_start(run):
-    from cbkernels.bench import cpu_peak_bytes
+    from benchmarks.harness import cpu_peak_bytes
 
     return cpu_peak_bytes(run)
 

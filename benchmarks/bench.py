@@ -1,8 +1,8 @@
-"""Benchmark harness: forward+backward time and memory of the class-balanced losses, per provider.
+"""``make bench``: forward+backward time and memory of the class-balanced losses, per provider.
 
-``python -m cbkernels.bench --help`` (or ``make bench BENCH_ARGS="..."``) lists the options. Providers:
+``python -m benchmarks.bench --help`` (or ``make bench BENCH_ARGS="..."``) lists the options. Providers:
 
-- ``naive``: ``cbkernels.reference.naive_cb_loss`` at the working dtype (what users write today); the
+- ``naive``: ``benchmarks.harness.naive_cb_loss`` at the working dtype (what users write today); the
   baseline every speed-up is measured against, side by side in the same run.
 - ``naive+compile``: ``torch.compile`` of the same function, compiled once per case outside the timing.
 - ``F.cross_entropy``: ``F.cross_entropy(logits, target, weight=w)`` (softmax only; its mean is the
@@ -11,22 +11,16 @@
   ``cbkernels.available_backends()`` reports at run time; ``cb:<backend>+inplace`` (only when named in
   ``--providers``) adds ``inplace_backward=True``.
 
-Results: a table on stdout, and ``<stem>.json`` / ``.md`` / ``.png`` under ``--out``. Importing this
-module needs neither matplotlib nor triton (both load lazily, only when used).
+Results: a table on stdout, and ``<stem>.json`` / ``.md`` / ``.png`` under ``--out`` (``benchmarks/report.py``
+writes them). Importing this module needs neither matplotlib nor triton (both load lazily, only when used).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,15 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench.py): import from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import BASELINE, LOSSES, naive_cb_loss  # noqa: E402
+from benchmarks.report import Progress, format_markdown, format_table, plot, shape_label  # noqa: E402
+
 SHAPES: Dict[str, Tuple[int, int]] = {
     "inat2018": (256, 8142),  # iNaturalist 2018: batch 256, 8142 species
     "imagenet": (1024, 1000),
     "vocab": (2048, 32000),  # LM-head sized vocabulary
 }
 QUICK_SHAPES: Dict[str, Tuple[int, int]] = {"small": (128, 1000)}
-LOSSES = ("softmax", "sigmoid", "focal", "softmax_focal")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASELINE = "naive"
 FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy")
 
 TIMING_METHOD = (
@@ -99,22 +98,12 @@ class Case:
         return self.logits.numel() * self.logits.element_size()
 
 
-def long_tailed_counts(classes: int, imbalance: float = 100.0, n_max: int = 1000) -> Tensor:
-    """Exponentially decaying class counts, ``n_max`` down to ``n_max / imbalance`` (as in CIFAR-LT)."""
-    c = torch.arange(classes, dtype=torch.float64)
-    return (n_max * imbalance ** (-c / max(classes - 1, 1))).round().clamp(min=1)
-
-
 def make_inputs(batch: int, classes: int, *, dtype=torch.float32, device="cpu", beta: float = 0.999,
                 seed: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """Logits ``[B, C]`` (leaf, requires grad), targets drawn from the long-tailed counts, weights ``[C]``."""
-    from .weights import class_balanced_weights
-
     g = torch.Generator().manual_seed(seed)
-    counts = long_tailed_counts(classes)
-    target = torch.multinomial(counts, batch, replacement=True, generator=g)
+    target, weight = harness.long_tailed_targets(batch, classes, g, beta)
     logits = (2.0 * torch.randn(batch, classes, generator=g)).to(dtype)
-    weight = class_balanced_weights(counts, beta=beta)
     return logits.to(device).requires_grad_(True), target.to(device), weight.to(device)
 
 
@@ -132,8 +121,8 @@ def cb_provider_names(device: str, *, explicit: Sequence[str] = ()) -> Tuple[Lis
     Triton on CPU tensors runs in its interpreter (TRITON_INTERPRET=1), a correctness tool far too slow
     to time: it is only benchmarked when named explicitly.
     """
-    from . import available_backends
-    from ._backends import get_backend, triton_interpret
+    from cbkernels import available_backends
+    from cbkernels._backends import get_backend, triton_interpret
 
     names, notes = [], []
     for b in available_backends():
@@ -160,8 +149,6 @@ def applies(provider: str, loss: str) -> bool:
 
 def make_provider(name: str, case: Case) -> Provider:
     """Build provider ``name`` for ``case``; ``naive+compile`` is compiled here (timed into ``compile_s``)."""
-    from .reference import naive_cb_loss
-
     t, w, lt, g = case.target, case.weight, case.loss, case.gamma
     if name == "naive":
         return Provider(name, lambda x: naive_cb_loss(x, t, w, loss_type=lt, gamma=g), (t, w))
@@ -175,7 +162,7 @@ def make_provider(name: str, case: Case) -> Provider:
         p = Provider(name, lambda x: compiled(x, t, w, loss_type=lt, gamma=g), (t, w))
         t0 = time.perf_counter()
         step(p, case.logits)  # compiles the forward and, on first backward, the backward graph
-        sync(case.logits.device)
+        harness.sync(case.logits.device)
         p.compile_s = time.perf_counter() - t0
         return p
     if name == "F.cross_entropy":
@@ -185,8 +172,7 @@ def make_provider(name: str, case: Case) -> Provider:
         return Provider(name, lambda x: F.cross_entropy(x, t, weight=wd), (t, wd))
     if name.startswith("cb:"):
         import cbkernels
-
-        from ._backends import resolve_backend
+        from cbkernels._backends import resolve_backend
 
         backend, _, variant = name[3:].partition("+")
         if variant not in ("", "inplace"):
@@ -206,11 +192,6 @@ def step(p: Provider, x: Tensor) -> None:
     p.loss_fn(x).backward()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Measurement
 
@@ -218,73 +199,7 @@ def sync(device: torch.device) -> None:
 def time_step(p: Provider, x: Tensor) -> float:
     """Seconds for one forward+backward of ``p`` (``x.grad`` reset beforehand, untimed)."""
     x.grad = None
-    if x.device.type == "cuda":
-        sync(x.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(p, x)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    step(p, x)
-    return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence fd 2 (kineto prints a line at every profiler start/stop, past Python's sys.stderr)."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _cpu_allocations(run: Callable[[], object]):
-    """Run ``run()`` under the profiler; return its result and the allocator's byte deltas in time order."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
-        prof.start()
-    try:
-        out = run()
-    finally:
-        with _quiet_stderr():
-            prof.stop()
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    events.sort(key=lambda e: e[0])
-    return out, [size for _, size in events]
-
-
-def _running_peak(deltas: Sequence[int]) -> Tuple[int, int]:
-    level = peak = 0
-    for d in deltas:
-        level += d
-        peak = max(peak, level)
-    return level, peak
-
-
-def cpu_peak_bytes(run: Callable[[], object]) -> int:
-    """Highest level of CPU-allocator bytes above the start while ``run()`` executes (profiler records)."""
-    return _running_peak(_cpu_allocations(run)[1])[1]
+    return harness.time_once(lambda: step(p, x), x.device)
 
 
 def measure_memory(p: Provider, x: Tensor) -> Dict[str, int]:
@@ -308,20 +223,20 @@ def measure_memory(p: Provider, x: Tensor) -> Dict[str, int]:
             return p.loss_fn(x)
 
     if x.device.type == "cuda":
-        sync(x.device)
+        harness.sync(x.device)
         base = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         loss = forward()
-        sync(x.device)
+        harness.sync(x.device)
         kept = torch.cuda.memory_allocated(x.device) - base
         loss.backward()
-        sync(x.device)
+        harness.sync(x.device)
         peak = torch.cuda.max_memory_allocated(x.device) - base
     else:
-        loss, fwd = _cpu_allocations(forward)
-        kept, peak_fwd = _running_peak(fwd)
-        _, bwd = _cpu_allocations(loss.backward)
-        peak = max(peak_fwd, kept + _running_peak(bwd)[1])
+        loss, fwd = harness.cpu_allocations(forward)
+        kept, peak_fwd = harness.running_peak(fwd)
+        _, bwd = harness.cpu_allocations(loss.backward)
+        peak = max(peak_fwd, kept + harness.running_peak(bwd)[1])
     del loss
     x.grad = None
     return {"kept_bytes": int(kept), "peak_bytes": int(peak), "saved_bytes": int(sum(saved.values()))}
@@ -362,7 +277,7 @@ def run_case(case: Case, provider_names: Sequence[str], opts: Options,
             x.grad = None
             step(p, x)  # warm-up (after compiling, for naive+compile)
         except Exception as exc:  # one broken provider must not sink the run
-            row["error"] = _one_line(exc)
+            row["error"] = harness.one_line(exc)
             x.grad = None
             continue
         row["compile_s"] = p.compile_s
@@ -372,43 +287,23 @@ def run_case(case: Case, provider_names: Sequence[str], opts: Options,
             try:
                 mem = measure_memory(p, x)
             except Exception as exc:  # e.g. a torch whose profiler internals moved: still time it
-                _add_note(row, "memory not measured: " + _one_line(exc))
+                _add_note(row, "memory not measured: " + harness.one_line(exc))
             else:
                 row.update(mem)
                 for k in ("kept", "peak", "saved"):
                     row[f"{k}_x"] = mem[f"{k}_bytes"] / case.logits_bytes
         x.grad = None
 
-    times: Dict[str, List[float]] = {p.name: [] for p in providers}
-    reps: Dict[str, int] = {}
+    def dropped(name: str, exc: Exception) -> None:
+        rows[name]["error"] = harness.one_line(exc)
+
     graphs_before = _graphs_compiled()
-    status("timing " + ", ".join(times))
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection inside a timed step would be charged to whichever provider runs then
+    status("timing " + ", ".join(p.name for p in providers))
     try:
-        rnd = 0
-        while True:
-            todo = [p for p in providers if len(times[p.name]) < reps.get(p.name, 1)]
-            if not todo:
-                break
-            k = rnd % len(todo)
-            for p in todo[k:] + todo[:k]:
-                try:
-                    times[p.name].append(time_step(p, x))
-                except Exception as exc:
-                    rows[p.name]["error"] = _one_line(exc)
-                    providers.remove(p)
-                    times.pop(p.name)
-            # Re-planned every round from the median so far: a noise burst in the first rounds (another
-            # process, inductor's compile workers starting) must not cut a provider's repetitions short.
-            for name, ts in times.items():
-                want = math.ceil(opts.target_time / max(statistics.median(ts), 1e-9))
-                reps[name] = min(opts.max_reps, max(opts.min_reps, want))
-            rnd += 1
+        times = harness.timed_rounds({p.name: (lambda p=p: step(p, x)) for p in providers}, x.device,
+                                     min_reps=opts.min_reps, max_reps=opts.max_reps, target_time=opts.target_time,
+                                     prepare=lambda: setattr(x, "grad", None), on_error=dropped)
     finally:
-        if gc_was_enabled:
-            gc.enable()
         x.grad = None
     recompiled = _graphs_compiled() - graphs_before
 
@@ -432,10 +327,6 @@ def _add_note(row: dict, note: str) -> None:
     row["note"] = note if not row["note"] else f"{row['note']}; {note}"
 
 
-def _one_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-
-
 def _new_row(case: Case, provider: str, opts: Options) -> dict:
     return {
         "shape": case.shape, "batch": case.batch, "classes": case.classes, "loss": case.loss,
@@ -444,247 +335,6 @@ def _new_row(case: Case, provider: str, opts: Options) -> dict:
         "reps": 0, "speedup": None, "kept_bytes": None, "kept_x": None, "peak_bytes": None, "peak_x": None,
         "saved_bytes": None, "saved_x": None, "compile_s": None, "times_ms": [], "error": None, "note": None,
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Progress, machine description, reports
-
-
-class Progress:
-    """Case-level progress on stderr: tqdm when installed, plain text otherwise; silent for short runs."""
-
-    def __init__(self, total: int, enabled: bool = True, delay: float = 2.0):
-        self.total, self.done, self.enabled, self.delay = total, 0, enabled, delay
-        self.t0 = time.perf_counter()
-        self.label = ""
-        self._bar = None
-        self._tty = sys.stderr.isatty()
-        self._last_plain = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, unit="case", file=sys.stderr, delay=delay, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def case(self, label: str) -> None:
-        self.label = label
-        self.status("start")
-
-    def status(self, what: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{self.label}: {what}", refresh=True)
-            return
-        elapsed = time.perf_counter() - self.t0
-        if elapsed < self.delay:
-            return
-        width = 20
-        fill = round(width * self.done / max(self.total, 1))
-        bar = "#" * fill + "." * (width - fill)
-        line = f"[{bar}] {self.done}/{self.total} cases {_fmt_s(elapsed)} | {self.label}: {what}"
-        if self._tty:
-            sys.stderr.write("\r\033[K" + line[:150])
-        elif self.label != self._last_plain:  # a log file gets one line per case
-            sys.stderr.write(line + "\n")
-            self._last_plain = self.label
-        sys.stderr.flush()
-
-    def advance(self) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.enabled and self._tty and time.perf_counter() - self.t0 >= self.delay:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-def _fmt_s(s: float) -> str:
-    return f"{int(s // 60)}:{int(s % 60):02d}"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info(device: str) -> dict:
-    import cbkernels
-
-    info = {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "torch_threads": torch.get_num_threads(),
-        "cbkernels": cbkernels.__version__,
-        "backends": cbkernels.available_backends(),
-        "git_commit": _git_commit(),
-        "loadavg_start": _loadavg(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _loadavg() -> Optional[float]:
-    """1-minute load average: above the core count, other work competed with the timed steps."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
-
-
-def _mb(b) -> Optional[float]:
-    return None if b is None else b / 2**20
-
-
-TABLE_COLUMNS = ("shape", "loss", "provider", "median ms", "speed-up", "kept MB", "kept/logits",
-                 "peak/logits", "reps")
-
-
-def shape_label(shape: str, batch: int, classes: int) -> str:
-    size = f"{batch}x{classes}"
-    return size if shape == size else f"{shape} {size}"
-
-
-def _x(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def table_cells(row: dict) -> List[str]:
-    head = [shape_label(row["shape"], row["batch"], row["classes"]), row["loss"], row["provider"]]
-    if row["error"]:
-        return head + ["error: " + row["error"][:60], "", "", "", "", ""]
-    kept_mb = _mb(row["kept_bytes"])
-    return head + [
-        _fmt(row["median_ms"], ".2f"), _x(row["speedup"]) if row["speedup"] else "",
-        _fmt(kept_mb, ".1f" if (kept_mb or 0) >= 1 else ".3f"), _x(row["kept_x"]), _x(row["peak_x"]),
-        str(row["reps"]),
-    ]
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """Plain-text table, one line per (case, provider)."""
-    cells = [list(TABLE_COLUMNS)] + [table_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
-    right = {3, 4, 5, 6, 7, 8}
-    lines = []
-    for n, c in enumerate(cells):
-        lines.append("  ".join(s.rjust(w) if i in right else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def format_markdown(result: dict) -> str:
-    """A README-ready markdown report: the context, a speed-up summary, then every row."""
-    m, cfg, rows = result["machine"], result["config"], result["rows"]
-    out = [
-        f"# cbkernels benchmark: {cfg['device']} {cfg['dtype']}",
-        "",
-        f"{result['date']} | {m.get('gpu') or m['cpu']} | {cfg['threads']} threads | torch {m['torch']} | "
-        f"cbkernels {m['cbkernels']} ({m['git_commit'] or 'no git'}) | backends {', '.join(m['backends'])} | "
-        f"gamma {cfg['gamma']} | load average {m['loadavg_start']} -> {m['loadavg_end']} on {m['cpu_count']} CPUs",
-        "",
-        "Forward+backward of the mean loss; speed-up = naive median / provider median, measured side by side "
-        "in one run. Memory kept = bytes held from forward to backward, as a multiple of the logits' size.",
-        "",
-    ]
-    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != BASELINE]
-    if providers:
-        out += ["## Speed-up over naive (memory kept / logits)", "",
-                "| shape | loss | naive ms | " + " | ".join(providers) + " |",
-                "|---|---|---:|" + "---:|" * len(providers)]
-        cases = dict.fromkeys((r["shape"], r["batch"], r["classes"], r["loss"]) for r in rows)
-        for key in cases:
-            by = {r["provider"]: r for r in rows if (r["shape"], r["batch"], r["classes"], r["loss"]) == key}
-            naive = by.get(BASELINE, {})
-            cells = []
-            for p in providers:
-                r = by.get(p)
-                if r is None:
-                    cells.append("")
-                elif r["error"]:
-                    cells.append("error")
-                else:
-                    cells.append(_x(r["speedup"]) + (f" ({_x(r['kept_x'])})" if r["kept_x"] is not None else ""))
-            out.append(f"| {shape_label(*key[:3])} | {key[3]} | {_fmt(naive.get('median_ms'), '.2f')} | "
-                       + " | ".join(cells) + " |")
-        out.append("")
-    out += ["## All rows", "", "| " + " | ".join(TABLE_COLUMNS) + " |",
-            "|---|---|---|" + "---:|" * (len(TABLE_COLUMNS) - 3)]
-    out += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
-    out += ["", f"Timing: {result['timing_method']}", "", f"Memory: {result['memory_method']}", ""]
-    out += [f"Note: {n}" for n in result.get("notes", [])]
-    return "\n".join(out).rstrip("\n") + "\n"
-
-
-def plot(result: dict, path: Path) -> bool:
-    """Bar chart of the speed-up per provider, one panel per shape; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in result["rows"] if r["speedup"] is not None and r["provider"] != BASELINE]
-    shapes = list(dict.fromkeys((r["shape"], r["batch"], r["classes"]) for r in result["rows"]))
-    losses = list(dict.fromkeys(r["loss"] for r in result["rows"]))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.8 * len(shapes), 4.2), squeeze=False, sharey=True)
-    width = 0.8 / max(len(providers), 1)
-    for ax, shape in zip(axes[0], shapes):
-        for j, prov in enumerate(providers):
-            xs, ys = [], []
-            for i, loss in enumerate(losses):
-                r = next((r for r in rows if (r["shape"], r["batch"], r["classes"]) == shape
-                          and r["loss"] == loss and r["provider"] == prov), None)
-                if r is not None:
-                    xs.append(i - 0.4 + width * (j + 0.5))
-                    ys.append(r["speedup"])
-            bars = ax.bar(xs, ys, width, label=prov)
-            ax.bar_label(bars, fmt="%.2g", fontsize=7, padding=1)
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(losses)), losses, rotation=20)
-        ax.set_title(shape_label(*shape))
-    axes[0][0].set_ylabel("speed-up over naive (fwd+bwd, log scale)")
-    axes[0][-1].legend(fontsize=8)
-    m, cfg = result["machine"], result["config"]
-    fig.suptitle(f"cbkernels {cfg['device']} {cfg['dtype']}, {cfg['threads']} threads, torch {m['torch']}\n"
-                 f"{m.get('gpu') or m['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,13 +360,6 @@ def parse_shapes(spec: Optional[str], quick: bool) -> Dict[str, Tuple[int, int]]
     return out
 
 
-def default_out_dir() -> Path:
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / "pyproject.toml").is_file() and (repo / "benchmarks").is_dir():  # a source checkout
-        return repo / "benchmarks" / "results"
-    return Path("benchmarks") / "results"
-
-
 def build_parser() -> argparse.ArgumentParser:
     shapes = ", ".join(f"{k} ({b}x{c})" for k, (b, c) in {**SHAPES, **QUICK_SHAPES}.items())
     try:
@@ -724,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     except Exception as exc:  # --help must work even when a backend's probe is broken
         here = f"(cbkernels backends unavailable: {exc})"
     p = argparse.ArgumentParser(
-        prog="python -m cbkernels.bench",
+        prog="python -m benchmarks.bench",
         description="Time forward+backward of the class-balanced losses for every provider, side by side,\n"
                     "and measure the memory each keeps between forward and backward.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -743,10 +386,10 @@ memory: kept = bytes held from forward to backward (CPU: allocator records from 
 outputs: a table on stdout; under --out: <stem>.json (machine, config, one row per case and provider),
   <stem>.md (markdown tables for a README) and <stem>.png (speed-up per provider per shape and loss).
 examples:
-  python -m cbkernels.bench --quick
-  python -m cbkernels.bench --dtype bfloat16 --shapes imagenet
-  python -m cbkernels.bench --shapes 512x4096 --losses focal --providers naive,cb
-  python -m cbkernels.bench --device cuda --providers naive,naive+compile,cb:triton,cb:cuda""",
+  python -m benchmarks.bench --quick
+  python -m benchmarks.bench --dtype bfloat16 --shapes imagenet
+  python -m benchmarks.bench --shapes 512x4096 --losses focal --providers naive,cb
+  python -m benchmarks.bench --device cuda --providers naive,naive+compile,cb:triton,cb:cuda""",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="logits dtype (default float32)")
@@ -790,7 +433,7 @@ def _select_providers(requested: Optional[List[str]], device: str, quick: bool) 
         elif name.endswith("+inplace") and name[: -len("+inplace")] in cb_names:
             out.append(name)
         elif name.startswith("cb:"):
-            from . import available_backends
+            from cbkernels import available_backends
 
             raise SystemExit(f"--providers: {name} cannot run on {device} here; cbkernels backends available: "
                              f"{available_backends()}")
@@ -832,7 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def _run(args, argv, shapes, losses, providers, opts: Options, notes) -> dict:
     started = datetime.datetime.now().astimezone()
-    machine = machine_info(opts.device)
+    machine = harness.machine_info(opts.device)
     cases = [(s, lt) for s in shapes for lt in losses]
     progress = Progress(len(cases), enabled=not args.no_progress)
     rows: List[dict] = []
@@ -853,7 +496,7 @@ def _run(args, argv, shapes, losses, providers, opts: Options, notes) -> dict:
     finally:
         progress.close()
 
-    load = max(machine["loadavg_start"] or 0, _loadavg() or 0)
+    load = max(machine["loadavg_start"] or 0, harness.loadavg() or 0)
     if load > (machine["cpus_usable"] or 1):
         notes = notes + [f"busy machine (load average up to {load:.1f} on {machine['cpus_usable']} CPUs): other "
                          "work competed with the timed steps; the times and even the ratios are noisy"]
@@ -861,7 +504,7 @@ def _run(args, argv, shapes, losses, providers, opts: Options, notes) -> dict:
     result = {
         "date": started.isoformat(timespec="seconds"),
         "duration_s": round((datetime.datetime.now().astimezone() - started).total_seconds(), 1),
-        "machine": {**machine, "loadavg_end": _loadavg()},
+        "machine": {**machine, "loadavg_end": harness.loadavg()},
         "config": {"device": opts.device, "dtype": opts.dtype, "threads": torch.get_num_threads(),
                    "shapes": {k: list(v) for k, v in shapes.items()}, "losses": losses, "providers": providers,
                    "gamma": opts.gamma, "beta": opts.beta, "seed": opts.seed, "quick": args.quick,
@@ -872,13 +515,10 @@ def _run(args, argv, shapes, losses, providers, opts: Options, notes) -> dict:
         "memory_method": MEMORY_METHOD[opts.device] if opts.memory else "not measured (--no-memory)",
         "rows": rows,
     }
-    out_dir = args.out or default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out or harness.RESULTS_DIR
     stem = args.name or _default_stem(opts, shapes, args.quick, started)
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    paths["md"].write_text(format_markdown(result))
-    wrote_png = not args.no_plot and plot(result, paths["png"])
+    written = harness.write_results(out_dir, stem, result, md=format_markdown(result))
+    wrote_png = not args.no_plot and plot(result, out_dir / f"{stem}.png")
     if not args.no_plot and not wrote_png:
         print("note: matplotlib is not installed: no PNG (pip install matplotlib)", file=sys.stderr)
 
@@ -889,7 +529,7 @@ def _run(args, argv, shapes, losses, providers, opts: Options, notes) -> dict:
     print(format_table(rows))
     print("memory: " + ("kept = bytes held from forward to backward (allocator), x = multiple of the logits' "
                         "size; peak over forward+backward" if opts.memory else "not measured"))
-    written = [paths["json"], paths["md"]] + ([paths["png"]] if wrote_png else [])
+    written += [out_dir / f"{stem}.png"] if wrote_png else []
     print("wrote " + ", ".join(str(p) for p in written))
     return result
 
