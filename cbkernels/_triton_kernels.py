@@ -15,6 +15,15 @@ difference that can cancel (``p - q``, ``sigmoid(z) - 1``) has been formed. Thre
 The gradient may be written over the logits (in place): every program reads a tile before it writes it, and the
 target logit, needed after the tiles are overwritten, is read in the first pass (the workspace in split mode).
 
+Compiled float32 arithmetic is not the interpreter's (numpy's): ``tl.exp`` is ``ex2.approx`` (2 ulp) of the
+rounded product ``x * log2(e)``, which adds ``1.2 * 2**-24 * |x|`` (6e-6 at |x| = 87); ``/`` is ``div.full`` (2 ulp);
+``tl.sqrt`` is ``sqrt.approx.ftz`` (2**-23); ``tl.log`` is libdevice's ``logf`` (1 ulp, flushes subnormal input).
+So the kernels use ``_exp`` (that rounding put back, at tl.exp's instruction count), correctly rounded divisions
+per row (``_div_rn``: free there), per element a Newton-refined reciprocal (``_rcp``) and a log1p without a
+division. The per-element focal modulator keeps ``tl.sqrt`` (gamma = 0.5: one instruction against eight) and
+``tl.exp`` (general gamma: see ``_pow_gamma``).
+Error bound and tolerances: tests/test_triton.py, "Float32 GPU error bound".
+
 """
 
 import triton.language as tl
@@ -32,7 +41,68 @@ GAMMA_ONE = tl.constexpr(2)
 GAMMA_TWO = tl.constexpr(3)
 GAMMA_ANY = tl.constexpr(4)
 
-# -ln(2): below it 1 - exp(-L) has no cancellation worth fixing.
+# float32(ln 2): _exp's residual x - t * ln(2) in one FMA (the constant's own error, 2.7e-9 relative, leaves
+# 2.7e-9 * |x| in the result: 2.4e-7 at the underflow threshold |x| = 87).
+LN2_F32 = tl.constexpr(0.693147182464599609375)
+
+
+@jit
+def _exp(x):
+    """``exp(x)`` for ``x <= 0`` (or NaN) within ``ex2.approx``'s 2 ulp, one rounding and ``2.7e-9 |x|``.
+
+    ``tl.exp`` takes ``2 ** t`` of the rounded ``t = x * log2(e)``: the rounding of t (and of log2(e)) becomes a
+    relative error of up to ``1.2 * 2**-24 * |x|`` (1.2e-6 at x = -16, 6e-6 at -87). Here the residual
+    ``r = x - t * ln(2)``, a value of about ``2**-24 |x|`` that the FMA rounds once, puts it back:
+    ``exp(x) = 2**t * exp(r) = 2**t * (1 + r)`` (``r**2 / 2 < 2**-35``). As many instructions as tl.exp (whose
+    non-flushing ``ex2`` needs a range fix-up), and the interpreter evaluates the same formula (its FMA is exact
+    too). Results below ``2**-126`` flush to 0 on a GPU (``ex2.approx.ftz``: Triton's ``tl.exp2``); -inf (masked
+    logits) is clamped first, since inf - inf in r would be NaN; NaN passes the clamp. float64's ``tl.exp`` is
+    libdevice's, already accurate."""
+    if x.dtype == tl.float64:
+        e = tl.exp(x)
+    else:
+        x = tl.maximum(x, -128.0, propagate_nan=tl.PropagateNan.ALL)
+        t = x * 1.4426950408889634
+        r = tl.fma(-t, LN2_F32, x)
+        e = tl.exp2(t)
+        # |.| changes nothing (e >= 0) and costs nothing (an operand modifier), but tells the compiler e >= 0: it then
+        # drops the subnormal checks of log(1 + e) and 1 / (1 + e) (about ten instructions per focal-loss element).
+        e = tl.abs(tl.fma(e, r, e))
+    return e
+
+
+@jit
+def _div_rn(a, b):
+    # Correctly rounded a / b: float32 `/` compiles to div.full (up to 2 ulp); float64 `/` is already div.rn.
+    if b.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
+
+
+@jit
+def _rcp(w):
+    # 1 / w for w in [1, 2], per element: div.approx (rcp.approx and a multiply, 2 ulp) and one Newton step give the
+    # correctly rounded value for all but ~1e-5 of inputs (then 1 ulp off): four instructions where the compiler knows
+    # w >= 1 (see _exp), against div.full's nine for 2 ulp and div.rn's ten and a branch. The interpreter's division
+    # is exact, so it computes the correctly rounded value.
+    if w.dtype == tl.float64:
+        r = 1.0 / w
+    else:
+        r = tl.fdiv(1.0, w, approx=True)
+        r = tl.fma(r, tl.fma(-w, r, 1.0), r)
+    return r
+
+
+@jit
+def _sqrt_rn(x):
+    # Correctly rounded sqrt (float32 tl.sqrt is sqrt.approx.ftz; float64 tl.sqrt is already sqrt.rn).
+    if x.dtype == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
 
 
 @jit
@@ -42,14 +112,24 @@ def _finite_or_zero(m):
 
 
 @jit
-def _pow_gamma(x, log_x, gamma, GAMMA_CASE: tl.constexpr):
-    """``x ** gamma`` for x in [0, 1]; ``log_x`` is used only by the general case."""
+def _pow_gamma(x, log_x, gamma, GAMMA_CASE: tl.constexpr, PER_ROW: tl.constexpr):
+    """``x ** gamma`` for x in [0, 1]; ``log_x`` is used only by the general case.
+
+    A PER_ROW value gets the exact forms (free there). Per element, ``sqrt.approx`` (2**-23; flushes x < 2**-126 to
+    0) and ``tl.exp``: the general case's argument ``gamma * log_x`` is itself rounded (``2**-24 |ln x**gamma|``, in
+    the interpreter too), so ``_exp`` would only cut the error from 2.2 to 1 times that, and its two live values
+    more per element made the 8192-wide focal tile spill (tools/gpu_build_check.py)."""
     if GAMMA_CASE == GAMMA_HALF:
-        r = tl.sqrt(x)
+        if PER_ROW:
+            r = _sqrt_rn(x)
+        else:
+            r = tl.sqrt(x)
     elif GAMMA_CASE == GAMMA_ONE:
         r = x
     elif GAMMA_CASE == GAMMA_TWO:
         r = x * x
+    elif PER_ROW:
+        r = _exp(gamma * log_x)
     else:
         r = tl.exp(gamma * log_x)
     return r
@@ -64,13 +144,13 @@ def _one_vs_all_terms(z, is_t, gamma, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.co
     """
     v = tl.where(is_t, z, -z)
     # One exp(-|v|) gives sigmoid(v), sigmoid(-v) and softplus(-v) together.
-    e = tl.exp(-tl.abs(v))
+    e = _exp(-tl.abs(v))
     w = 1.0 + e
-    # log1p(e): log(1 + e) alone loses e's low bits when 1 + e rounds; Goldberg's correction restores them
-    # (no log1p builtin that also runs under the interpreter).
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    # inv is the gradient of every misclassified element (v < 0), and (1 - q) ** gamma multiplies its error by gamma:
+    # div.full's 2 ulp would be a quarter of the float32 gradient tolerance (tests/test_triton.py).
+    inv = _rcp(w)
+    log1p_e = _log1p_unit(e, w)
     u = tl.where(v > 0.0, 0.0, -v) + log1p_e
-    inv = 1.0 / w
     small = e * inv  # sigmoid(-|v|), never formed as 1 - sigmoid(|v|) (that cancels to 0)
     pos = v >= 0.0
     one_minus_q = tl.where(pos, small, inv)
@@ -79,19 +159,27 @@ def _one_vs_all_terms(z, is_t, gamma, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.co
         d = one_minus_q
     else:
         q = tl.where(pos, inv, small)
-        # log(1 - q) = -softplus(v) = -(u + v)
-        m = _pow_gamma(one_minus_q, -(u + v), gamma, GAMMA_CASE)
+        # log(1 - q) = -softplus(v) = -(max(v, 0) + log1p(e)); -(u + v) would cancel for v < 0 (u = -v + log1p(e)
+        # rounds log1p(e) to ulp(v)).
+        m = _pow_gamma(one_minus_q, -(tl.where(v > 0.0, v, 0.0) + log1p_e), gamma, GAMMA_CASE, False)
         term = m * u
         d = m * (gamma * q * u + one_minus_q)
     return term, tl.where(is_t, -d, d)
 
 
 @jit
-def _log1p(x):
-    # Goldberg's log1p(x) for x >= 0 (no log1p builtin that also runs under the interpreter): log(1 + x) alone
-    # loses x's low bits when 1 + x rounds.
-    w = 1.0 + x
-    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
+def _log1p(x, w, inv_w):
+    # log1p(x) for x >= 0 from w = 1 + x and inv_w = 1 / w (no log1p builtin that also runs under the interpreter):
+    # log(w) alone loses what rounding 1 + x dropped, c = (w - 1) - x (exact for x < 2**24: Sterbenz), and
+    # log1p(x) = log(w - c) = log(w) - c / w up to (c / w)**2 < 2**-48. No select needed: w = 1 gives x itself.
+    return tl.fma(-((w - 1.0) - x), inv_w, tl.log(w))
+
+
+@jit
+def _log1p_unit(x, w):
+    # _log1p for x in [0, 1] (w in [1, 2]): there log(w) - c, without the 1 / w, errs by c (1 - 1/w) <= 2**-24
+    # log1p(x) at most. Per element, with no division (Goldberg's log(w) * x / (w - 1) needs one).
+    return tl.log(w) - ((w - 1.0) - x)
 
 
 @jit
@@ -104,23 +192,26 @@ def _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
     ``1 - p_y = so / s`` and ``L = log1p(so / e_y)`` are formed without a difference, so they keep full relative
     precision on confident rows, where ``1 - p_y`` and ``lse - z_y`` would cancel to 0 in float32; ``(m - z_y)``
     is exact where both are large (1e4 logits lose 1e-4 in ``m + log(s) - z_y``)."""
-    ey = tl.exp(zy - _finite_or_zero(m))
+    # Every quotient here is per row, so correctly rounded at no cost: one_minus_p is the target's gradient, and 1/s
+    # scales every other one.
+    ey = _exp(zy - _finite_or_zero(m))
     s = so + ey
-    ratio = so / ey
+    ratio = _div_rn(so, ey)
     direct = (m - zy) + tl.log(s)
+    w = 1.0 + ratio
     # Once e_y is no longer a normal number the direct form is the accurate one (L is then large).
-    nll = tl.where((ey >= 1.1754943508222875e-38) & (ratio < float("inf")), _log1p(ratio), direct)
-    one_minus_p = so / s
+    nll = tl.where((ey >= 1.1754943508222875e-38) & (ratio < float("inf")), _log1p(ratio, w, _div_rn(1.0, w)), direct)
+    one_minus_p = _div_rn(so, s)
     if LOSS_TYPE == SOFTMAX:
         loss = nll
         if HAS_SMOOTHING:
-            loss = (1.0 - eps) * nll + eps * ((m - sz / n_cols) + tl.log(s))
+            loss = (1.0 - eps) * nll + eps * ((m - _div_rn(sz, n_cols.to(sz.dtype))) + tl.log(s))
         coef = a * scale
     else:
-        p_t = ey / s
-        mod = _pow_gamma(one_minus_p, tl.log(one_minus_p), gamma, GAMMA_CASE)
+        p_t = _div_rn(ey, s)
+        mod = _pow_gamma(one_minus_p, tl.log(one_minus_p), gamma, GAMMA_CASE, True)
         # r = L / (1 - P) -> 1 as 1 - P -> 0: keeps the gradient finite for gamma < 1.
-        r = tl.where(one_minus_p > 0.0, nll / one_minus_p, 1.0)
+        r = tl.where(one_minus_p > 0.0, _div_rn(nll, one_minus_p), 1.0)
         loss = mod * nll
         coef = a * scale * mod * (1.0 + gamma * p_t * r)
     return tl.where(valid, a * loss, 0.0), coef, s, one_minus_p
@@ -131,7 +222,7 @@ def _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING:
     # p - q in float32 before the one rounding to the gradient's dtype; the target's p_y - 1 is -(1 - p_y) from the
     # other classes' sum (p_y - 1 itself would cancel to 0 on a confident row, and in bf16 long before).
     if HAS_SMOOTHING:
-        g = tl.where(is_t, eps - one_minus_p[:, None], p) - eps / n_cols
+        g = tl.where(is_t, eps - one_minus_p[:, None], p) - _div_rn(eps, n_cols.to(eps.dtype))
     else:
         g = tl.where(is_t, -one_minus_p[:, None], p)
     return tl.where(valid[:, None], coef[:, None] * g, 0.0)
@@ -152,8 +243,8 @@ def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT: tl.constexpr, HAS_SMO
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
         shift = _finite_or_zero(m_new)
         # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count. The target is left out.
-        tile = tl.sum(tl.where(mask & (cc[None, :] != y[:, None]), tl.exp(z - shift[:, None]), 0.0), axis=1)
-        s = s * tl.exp(m - shift) + tile
+        tile = tl.sum(tl.where(mask & (cc[None, :] != y[:, None]), _exp(z - shift[:, None]), 0.0), axis=1)
+        s = s * _exp(m - shift) + tile
         m = m_new
         if HAS_SMOOTHING:
             sz += tl.sum(z, axis=1)  # masked lanes were loaded as 0
@@ -166,7 +257,7 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid
     # p = exp(z - m) / s rather than exp(z - lse): z - m is exact where p is near 1, z - lse carries lse's rounding
     # (half an ulp of |lse|, 1e-6 relative at lse ~ 16) into p.
     shift = _finite_or_zero(m)
-    inv_s = 1.0 / s
+    inv_s = _div_rn(1.0, s)
     cols = tl.arange(0, BLOCK_C)
     n_tiles = (col_hi - col_lo + BLOCK_C - 1) // BLOCK_C
     for i in tl.range(0, n_tiles):
@@ -174,7 +265,7 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid
         cc = col_lo + (n_tiles - 1 - i) * BLOCK_C + cols
         mask = row_ok[:, None] & (cc < col_hi)[None, :]
         z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
-        p = tl.exp(z - shift[:, None]) * inv_s[:, None]
+        p = _exp(z - shift[:, None]) * inv_s[:, None]
         g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING)
         tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
@@ -265,7 +356,7 @@ def cb_loss_kernel(
             mask = row_ok[:, None] & (cols < n_cols)[None, :]
             z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(CDT)
             m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
-            e = tl.where(mask, tl.exp(z - _finite_or_zero(m)[:, None]), 0.0)
+            e = tl.where(mask, _exp(z - _finite_or_zero(m)[:, None]), 0.0)
             is_t = cols[None, :] == y[:, None]
             so = tl.sum(tl.where(is_t, 0.0, e), axis=1)
             if HAS_SMOOTHING:
@@ -276,7 +367,7 @@ def cb_loss_kernel(
                                                       LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
             tl.store(loss_ptr + rows, loss, mask=row_ok)
             if HAS_GRAD:
-                g = _softmax_grad(e * (1.0 / s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p,
+                g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p,
                                   HAS_SMOOTHING)
                 tl.store(g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
@@ -330,7 +421,7 @@ def cb_loss_split_finish_kernel(
         pm = tl.load(parts, mask=kmask, other=float("-inf"))
         ps = tl.load(parts + 1, mask=kmask, other=0.0)
         m = tl.max(pm, axis=1)
-        so = tl.sum(ps * tl.exp(pm - _finite_or_zero(m)[:, None]), axis=1)
+        so = tl.sum(ps * _exp(pm - _finite_or_zero(m)[:, None]), axis=1)
         if HAS_SMOOTHING:
             sz = tl.sum(tl.load(parts + 2, mask=kmask, other=0.0), axis=1)
         else:
