@@ -6,7 +6,7 @@ on first use. See SPEC.md for what every loss computes.
 
 import sys as _sys
 
-from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch custom ops)
+from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch backend's op kernels)
 from ._backends import available_backends
 from .linear_loss import LinearClassBalancedLoss, linear_cb_loss
 from .losses import (

@@ -15,45 +15,27 @@ import torch
 from torch import Tensor
 
 from ._backends import get_backend, gpu_too_old
-
-
-def _reduction_scale(target: Tensor, weight: Tensor, ignore_index: int, reduction: str, dtype) -> Tensor:
-    """0-d normaliser for the reduction, kept on the device (no host sync)."""
-    valid = target != ignore_index
-    if reduction == "mean":
-        return 1.0 / valid.sum().clamp(min=1).to(dtype)
-    if reduction == "weighted_mean":
-        a = torch.where(valid, weight[torch.where(valid, target, torch.zeros_like(target)).long()], 0.0)
-        total = a.to(dtype).sum()
-        return torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-    return torch.ones((), dtype=dtype, device=target.device)
-
-
-_NO_DOUBLE_BACKWARD = (
-    "cbkernels: double backward through a class-balanced loss is not supported (its backward scales a "
-    "gradient computed in the forward pass)"
-)
+from ._opdefs import LossSpec, loss_dtype
+from ._torch_stages import reduction_scale, refuse_double_backward
 
 
 class CBLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, loss_type: int,
-                gamma: float, label_smoothing: float, ignore_index: int, reduction: str,
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, spec: LossSpec,
                 inplace_backward: bool) -> Tensor:
-        forward_fn, forward_inplace_fn = get_backend(backend).functions()
+        loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
         num_classes = logits.shape[-1]
         z = logits.reshape(-1, num_classes)
         t = target.reshape(-1)
-        ldtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        scale = _reduction_scale(t, weight, ignore_index, reduction, ldtype)
+        scale = reduction_scale(t, weight, spec, loss_dtype(logits.dtype))
         want_grad = ctx.needs_input_grad[0]
         if want_grad and inplace_backward:
-            rows = forward_inplace_fn(z, t, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
+            rows = loss_fwd_inplace(z, t, weight, scale, spec)
             grad = z.detach()  # when reshape had to copy, the gradient lives in that copy and the logits stay intact
         else:
-            rows, grad = forward_fn(z, t, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
-                                    want_grad)
+            rows, grad = loss_fwd(z, t, weight, scale, spec, want_grad)
+        reduction = spec.reduction
         ctx.lead_shape = lead_shape
         ctx.reduction = reduction
         ctx.inplace_backward = bool(inplace_backward and want_grad)
@@ -81,10 +63,8 @@ class CBLossFunction(torch.autograd.Function):
             # intact for the next backward, so scale out of place.
             grad = grad * go
         if torch.is_grad_enabled():
-            # create_graph=True: fine for the rest of the graph, but differentiating this gradient
-            # again must fail loudly rather than return a silent zero.
-            grad = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(grad.detach().requires_grad_())
-        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None, None, None, None
+            grad = refuse_double_backward(grad)
+        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None
 
 
 def _traced(t: Tensor) -> bool:

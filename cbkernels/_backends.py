@@ -1,15 +1,16 @@
 """The one dispatch point: which backend computes a loss for which tensors (SPEC section 8).
 
-Every backend provides two forward functions with one signature, over 2-D logits ``[N, C]``:
+Every backend module provides two forward functions with one signature, over 2-D logits ``[N, C]``:
 
-``forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad)``
+``loss_fwd(logits, target, weight, scale, spec, compute_grad)``
     returns ``(loss [N] float32, grad [N, C] in the logits' dtype, or an empty tensor when not compute_grad)``
-``forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)``
+``loss_fwd_inplace(logits, target, weight, scale, spec)``
     returns ``loss [N]`` and writes the gradient over ``logits``.
 
-``loss`` is the per-row loss ``l_i`` of SPEC section 3 (0 for ignored rows); ``grad`` is
-``scale * d l_i / d z_ij`` (SPEC section 4) with ``scale`` a 0-d float32 tensor on the logits' device
-that carries the reduction's normaliser, so no denominator ever travels through the host.
+``spec`` is the ``LossSpec`` built at the API edge; each backend flattens it into its op's arguments
+(``_opdefs`` defines the ops). ``loss`` is the per-row loss ``l_i`` of SPEC section 3 (0 for ignored rows);
+``grad`` is ``scale * d l_i / d z_ij`` (SPEC section 4) with ``scale`` a 0-d float32 tensor on the logits'
+device that carries the reduction's normaliser, so no denominator ever travels through the host.
 Inputs arrive validated (see ``_validation``); backends do not check them again.
 """
 
@@ -23,7 +24,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 
 
@@ -32,7 +32,7 @@ class Backend:
     name: str
     devices: tuple  # device types the backend runs on
     is_available: Callable[[], bool]
-    load: Callable[[], tuple]  # -> (forward, forward_inplace), imported lazily on first use
+    load: Callable[[], tuple]  # -> (loss_fwd, loss_fwd_inplace), imported lazily on first use
     how_to_get: str = ""
     _fns: Optional[tuple] = None
 
@@ -53,8 +53,8 @@ def _compiled_ext_has(dispatch_key: str) -> bool:
     if importlib.util.find_spec("cbkernels._C") is None:
         return False
     try:
-        # cbkernels._ops loads the library and registers the ops' fake kernels with it: once the compiled ops
-        # exist, torch.compile and opcheck can trace them.
+        # cbkernels._ops defines the ops (with their fake kernels) and loads the library that registers their
+        # kernels: once the compiled ops exist, torch.compile and opcheck can trace them.
         importlib.import_module("cbkernels._ops")
     except (ImportError, OSError):
         return False
@@ -134,7 +134,7 @@ gpu_too_old._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _load(module: str) -> Callable[[], tuple]:
     def load() -> tuple:
         mod = importlib.import_module(module)
-        return mod.forward, mod.forward_inplace
+        return mod.loss_fwd, mod.loss_fwd_inplace
 
     return load
 
@@ -167,19 +167,6 @@ register_backend(
         how_to_get="build the extension with a CUDA toolkit on a machine with a CUDA build of torch",
     )
 )
-
-
-def fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
-    """The output shapes and dtypes of every backend's forward op (its fake kernel, for torch.compile/opcheck):
-    per-row loss ``[N]`` in float32 (float64 for float64 logits) and the gradient (``[0]`` without one)."""
-    loss = logits.new_empty(logits.shape[:1], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    grad = logits.new_empty(logits.shape if compute_grad else (0,))
-    return loss, grad
-
-
-def fake_forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
-    """The fake kernel of every backend's in-place forward op: the per-row loss (the gradient replaces logits)."""
-    return fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, False)[0]
 
 
 def get_backend(name: str) -> Backend:

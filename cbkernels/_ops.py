@@ -1,9 +1,8 @@
-"""The compiled backends' op wrappers: ``cbkernels::cb_loss_fwd`` and ``cb_loss_fwd_inplace``.
+"""The compiled backends ("cpu", "cuda"): ``cbkernels::cb_loss_fwd`` and ``cb_loss_fwd_inplace``.
 
-The schemas live in ``csrc/ops.cpp``; importing ``cbkernels._C`` registers them with the kernels that
-were built (CPU always, CUDA when compiled in). The fake implementations here let ``torch.compile``
-and ``opcheck`` trace the ops without running them. ``forward``/``forward_inplace`` have the backend
-signature documented in ``cbkernels._backends`` and serve both the "cpu" and the "cuda" backend.
+Their schemas and fakes are defined in ``_opdefs`` (imported first); loading ``cbkernels._C`` registers the kernels
+that were built (CPU always, CUDA when compiled in). ``loss_fwd`` / ``loss_fwd_inplace`` are the backend interface
+of ``_backends`` and serve both backends; ``forward`` / ``forward_inplace`` take the ops' flat arguments.
 """
 
 from __future__ import annotations
@@ -13,37 +12,22 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the library registers the ops)
-from ._backends import fake_forward, fake_forward_inplace
+from . import _opdefs  # the ops' schemas and fakes, before the library that registers their kernels
+
+# isort: split
+from . import _C  # noqa: F401
+
+_opdefs.define_ops("")
 
 _fwd = torch.ops.cbkernels.cb_loss_fwd.default
 _fwd_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace.default
 
-
-@torch.library.register_fake("cbkernels::cb_loss_fwd")
-def _fake_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad):
-    return fake_forward(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad)
+forward = _fwd  # (logits, target, weight, scale, *LossSpec.op_args(), compute_grad) -> (loss, grad)
 
 
-@torch.library.register_fake("cbkernels::cb_loss_fwd_inplace")
-def _fake_fwd_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index):
-    return fake_forward_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
-
-
-def forward(
-    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
-    label_smoothing: float, ignore_index: int, compute_grad: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Per-row loss ``[N]`` and ``scale * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``); see ``_backends``."""
-    return _fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad)
-
-
-def forward_inplace(
-    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
-    label_smoothing: float, ignore_index: int,
-) -> Tensor:
-    """Per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
-    rows = _fwd_inplace(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index)
+def forward_inplace(logits: Tensor, *args) -> Tensor:
+    """The in-place op: per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
+    rows = _fwd_inplace(logits, *args)
     if not torch.compiler.is_compiling():
         # Like every in-place ATen op: bump the version counter, so that autograd refuses to use the overwritten
         # values where another node saved them (logits = x.exp() with inplace_backward=True) instead of silently
@@ -51,3 +35,14 @@ def forward_inplace(
         # under torch.compile the mutation is functionalised and tracked by the compiler.
         torch.autograd.graph.increment_version(logits)
     return rows
+
+
+def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: _opdefs.LossSpec,
+             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Per-row loss ``[N]`` and ``scale * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``); see ``_backends``."""
+    return _fwd(logits, target, weight, scale, *spec.op_args(), compute_grad)
+
+
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: _opdefs.LossSpec) -> Tensor:
+    """Per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
+    return forward_inplace(logits, target, weight, scale, *spec.op_args())

@@ -1,6 +1,6 @@
-"""Triton backend: host side of the fused kernels in ``_triton_kernels`` (launch plans, custom ops).
+"""Triton backend: host side of the fused kernels in ``_triton_kernels`` (launch plans, op kernels).
 
-``forward`` / ``forward_inplace`` follow the backend interface of ``_backends``. Everything stays on the
+``loss_fwd`` / ``loss_fwd_inplace`` follow the backend interface of ``_backends``. Everything stays on the
 device (the reduction's ``scale`` and the class weights are read by the kernel; no host sync), launches go
 to the current stream of the logits' device, and CPU tensors run the same kernels under the Triton interpreter
 (``TRITON_INTERPRET=1``, read by Triton when it is first imported: ``triton.jit`` then builds interpreter
@@ -19,9 +19,10 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backends import fake_forward, fake_forward_inplace
+from . import _opdefs
+from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
 
-SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3
+# The kernels' GAMMA_CASE codes (_triton_kernels names them too, as Triton constexprs).
 GAMMA_ZERO, GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY = 0, 1, 2, 3, 4
 _GAMMA_CASES = {0.0: GAMMA_ZERO, 0.5: GAMMA_HALF, 1.0: GAMMA_ONE, 2.0: GAMMA_TWO}
 
@@ -169,10 +170,10 @@ def kernels():
     return _triton_kernels
 
 
-def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
-            label_smoothing: float, ignore_index: int, grad: Optional[Tensor], plan: Optional[Plan] = None) -> Tensor:
+def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec, grad: Optional[Tensor],
+            plan: Optional[Plan] = None) -> Tensor:
     n, c = logits.shape
-    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdtype = loss_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cdtype, device=logits.device)
     if n == 0:
         return loss
@@ -181,48 +182,49 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_
     if on_cpu and type(k.cb_loss_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("the triton backend runs CPU tensors only under the Triton interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
-    lt, gamma_case, smooth = kernel_flags(loss_type, gamma, label_smoothing)
+    lt, gamma_case, smooth = kernel_flags(spec.loss_type, spec.gamma, spec.label_smoothing)
     has_grad = grad is not None
     if has_grad and on_cpu and grad.dtype == torch.bfloat16:
         # The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest even): let it write
         # float32 and round here, so that CPU tests see the GPU's numbers.
         grad32 = torch.empty(grad.shape, dtype=torch.float32)
-        loss = _launch(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, grad32, plan)
+        loss = _launch(logits, target, weight, scale, spec, grad32, plan)
         grad.copy_(grad32)
         return loss
     g = grad if has_grad else logits  # never written without HAS_GRAD; same dtype keeps one specialisation
-    # int64 targets only: one specialisation fewer to compile, for an [N] copy when given int32.
-    target = target.to(torch.int64).contiguous()
-    weight = weight.contiguous()
-    scale = scale.to(cdtype)
-    g_hi, g_lo = _split_f32(float(gamma))
-    e_hi, e_lo = _split_f32(float(label_smoothing))
-    common = (n, c, logits.stride(0), g.stride(0) if has_grad else c)
-    align = align_for(*common[1:], logits.element_size())
+    stride_g = g.stride(0) if has_grad else c
+    align = align_for(c, logits.stride(0), stride_g, logits.element_size())
     if plan is None:
         sms = INTERPRET_SM_COUNT if on_cpu else _cuda_sm_count(logits.device.index)
         plan = plan_launch(n, c, logits.element_size(), sms, align, one_vs_all=lt in (SIGMOID, FOCAL))
-    scalars = (ignore_index, g_hi, g_lo, e_hi, e_lo)
+    gamma_hi, gamma_lo = _split_f32(float(spec.gamma))
+    eps_hi, eps_lo = _split_f32(float(spec.label_smoothing))
+    # The kernels' runtime arguments, by name (both kernels take them all; the workspace is unused without a split).
+    args = dict(
+        logits_ptr=logits,
+        # int64 targets only: one specialisation fewer to compile, for an [N] copy when given int32.
+        target_ptr=target.to(torch.int64).contiguous(), weight_ptr=weight.contiguous(), scale_ptr=scale.to(cdtype),
+        loss_ptr=loss, grad_ptr=g, ws_ptr=loss, n_rows=n, n_cols=c, stride_z=logits.stride(0), stride_g=stride_g,
+        cols_per_split=0, ignore_index=spec.ignore_index,
+        gamma_hi=gamma_hi, gamma_lo=gamma_lo, eps_hi=eps_hi, eps_lo=eps_lo,
+    )
     guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(logits.device)
     with guard:
         if plan.splits == 1:
-            grid = (_cdiv(n, plan.rows), 1)
-            k.cb_loss_kernel[grid](
-                logits, target, weight, scale, loss, g, loss, *common, 0, *scalars,
-                LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+            k.cb_loss_kernel[(_cdiv(n, plan.rows), 1)](
+                **args, LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
                 SINGLE_TILE=plan.single_tile, SPLIT=False, ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align,
                 **compile_options(plan.num_warps))
             return loss
-        ws = torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device)
+        args.update(ws_ptr=torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device),
+                    cols_per_split=plan.cols_per_split)
         k.cb_loss_kernel[(n, plan.splits)](
-            logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, *scalars,
-            LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+            **args, LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
             SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align,
             **compile_options(plan.num_warps))
         f_lt, f_gc, f_smooth, f_grad = finish_flags(lt, gamma_case, smooth, has_grad)
         k.cb_loss_split_finish_kernel[(n, plan.splits if f_grad else 1)](
-            logits, target, weight, scale, loss, g, ws, *common, plan.cols_per_split, plan.splits, *scalars,
-            LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
+            **args, n_splits=plan.splits, LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
             MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, **compile_options(plan.num_warps))
     return loss
 
@@ -231,37 +233,46 @@ def _unit_col_stride(t: Tensor) -> bool:
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
-@torch.library.custom_op("cbkernels::cb_loss_fwd_triton", mutates_args=())
-def forward(
-    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
-    label_smoothing: float, ignore_index: int, compute_grad: bool,
-) -> Tuple[Tensor, Tensor]:
+def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+             compute_grad: bool) -> Tuple[Tensor, Tensor]:
     # The kernels take any row stride but unit column stride (coalesced, vectorised loads): copy otherwise.
     z = logits if _unit_col_stride(logits) else logits.contiguous()
     grad = torch.empty(z.shape if compute_grad else (0,), dtype=z.dtype, device=z.device)
-    loss = _launch(z, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
-                   grad if compute_grad else None)
+    loss = _launch(z, target, weight, scale, spec, grad if compute_grad else None)
     return loss, grad
 
 
-forward.register_fake(fake_forward)
-
-
-@torch.library.custom_op("cbkernels::cb_loss_fwd_inplace_triton", mutates_args=("logits",))
-def forward_inplace(
-    logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, loss_type: int, gamma: float,
-    label_smoothing: float, ignore_index: int,
-) -> Tensor:
+def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
     if _unit_col_stride(logits):
-        return _launch(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, logits)
+        return _launch(logits, target, weight, scale, spec, logits)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    loss = _launch(logits.contiguous(), target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
-                   grad)
+    loss = _launch(logits.contiguous(), target, weight, scale, spec, grad)
     logits.copy_(grad)
     return loss
 
 
-forward_inplace.register_fake(fake_forward_inplace)
+# CPU tensors: the kernels under the Triton interpreter (_launch refuses them otherwise).
+_opdefs.register_kernels("_triton", _forward, _forward_inplace)
+forward = torch.ops.cbkernels.cb_loss_fwd_triton.default
+forward_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace_triton.default
+
+
+def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """The backend's forward (see _backends): the op under torch.compile, the function itself in eager mode."""
+    if torch.compiler.is_compiling():
+        return forward(logits, target, weight, scale, *spec.op_args(), compute_grad)
+    return _forward(logits, target, weight, scale, spec, compute_grad)
+
+
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
+    """In-place forward: the op under torch.compile (which tracks the mutation); in eager mode the function itself,
+    then the logits' version counter bumped as an in-place op would (the kernel writes them behind autograd)."""
+    if torch.compiler.is_compiling():
+        return forward_inplace(logits, target, weight, scale, *spec.op_args())
+    rows = _forward_inplace(logits, target, weight, scale, spec)
+    torch.autograd.graph.increment_version(logits)
+    return rows
 
 
 def launch_variants() -> Iterator[dict]:

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backends import BACKEND_NAMES, LOSS_TYPES
+from ._backends import BACKEND_NAMES
+from ._opdefs import LOSS_TYPES, SOFTMAX, LossSpec
 from .weights import check_beta, class_balanced_weights
 
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
@@ -21,14 +22,11 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def check_loss_type(loss_type: str) -> int:
+def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_index: int,
+              reduction: str) -> LossSpec:
+    """The one options object of a call: every option checked here, once, then carried unchanged to the kernels."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-    return LOSS_TYPES[loss_type]
-
-
-def check_options(*, reduction: str, ignore_index: int, gamma: float, label_smoothing: float,
-                  backend: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -38,6 +36,13 @@ def check_options(*, reduction: str, ignore_index: int, gamma: float, label_smoo
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    if label_smoothing and LOSS_TYPES[loss_type] != SOFTMAX:
+        raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
+    return LossSpec(loss_type=LOSS_TYPES[loss_type], gamma=float(gamma), label_smoothing=float(label_smoothing),
+                    ignore_index=int(ignore_index), reduction=reduction)
+
+
+def check_backend(backend: str) -> None:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validation as V
-from ._autograd import _NO_DOUBLE_BACKWARD, _reduction_scale
 from ._backends import get_backend, resolve_backend
-from ._torch_backend import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, _pow_gamma
+from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
+from ._torch_stages import focal_terms, reduction_scale, refuse_double_backward, softmax_grad_, softmax_row_stage
 
 # Smallest default chunk: below ~64 rows the two gradient matmuls run far from peak and the rank-R
 # update of the V x H accumulator becomes memory-bound (it reads and writes V*H floats per chunk).
@@ -65,11 +65,7 @@ class _VocabShard:
 
 @dataclass(frozen=True)
 class _Config:
-    loss_type: int
-    gamma: float
-    label_smoothing: float
-    ignore_index: int
-    reduction: str
+    spec: LossSpec
     chunk_rows: int
     backend: str  # resolved name; unused by the vocab-parallel path
     allow_retain_graph: bool
@@ -294,12 +290,12 @@ def _sharded_chunk(z: Tensor, t_local: Tensor, owned: Tensor, valid: Tensor, a: 
     """
     import torch.distributed as dist
 
-    group, num_classes = cfg.shard.group, cfg.shard.total
-    lt, gamma, eps = cfg.loss_type, cfg.gamma, cfg.label_smoothing
-    cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    group, num_classes, spec = cfg.shard.group, cfg.shard.total, cfg.spec
+    eps = spec.label_smoothing
+    cdtype = loss_dtype(z.dtype)
     zf = z if z.dtype == cdtype else z.to(cdtype)
     ty = t_local.unsqueeze(1)
-    if lt in (SOFTMAX, SOFTMAX_FOCAL):
+    if spec.loss_type in (SOFTMAX, SOFTMAX_FOCAL):
         partial = None
         m = zf.amax(1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -313,59 +309,31 @@ def _sharded_chunk(z: Tensor, t_local: Tensor, owned: Tensor, valid: Tensor, a: 
         dist.all_reduce(packed, group=group)
         s, zy_s = packed.unbind(1)
         log_s = s.log()
-        nll = log_s - zy_s  # lse - z_y
-        coef = a
-        if lt == SOFTMAX:
-            main = (1.0 - eps) * nll
-            if eps:
-                # This rank's share of sum_j (lse - z_ij), summed over ranks after the loop.
-                partial = (eps / num_classes) * (z.shape[1] * log_s - zs_sum)
-        else:
-            one_minus_p = -torch.expm1(-nll)
-            mod = _pow_gamma(one_minus_p, gamma)
-            main = nll if mod is None else mod * nll
-            if mod is not None:
-                # r = L / (1 - P) -> 1 as 1 - P underflows; keeps gamma < 1 finite (SPEC section 4).
-                r = torch.where(one_minus_p > 0, nll / one_minus_p, torch.ones_like(nll))
-                coef = a * mod * (1.0 + gamma * torch.exp(-nll) * r)
+        main, coef = softmax_row_stage(log_s - zy_s, None, a, spec)  # from L = lse - z_y
+        if eps:
+            # This rank's share of sum_j (lse - z_ij), summed over ranks after the loop.
+            partial = (eps / num_classes) * (z.shape[1] * log_s - zs_sum)
         full = torch.where(valid, a * main, 0.0)
         if want_grad:
             g = e.div_(s.unsqueeze(1))
             g.scatter_add_(1, ty, torch.where(owned, -(1.0 - eps), 0.0).to(cdtype).unsqueeze(1))
-            if eps:
-                g.sub_(eps / num_classes)
-            g.mul_((coef * scale).unsqueeze(1))
+            softmax_grad_(g, coef, scale, spec, num_classes)
         if partial is not None:
             partial = torch.where(valid, a * partial, 0.0)
         return _finish(z, g if want_grad else None, valid, full, partial)
     zy = torch.where(owned, zf.gather(1, ty).squeeze(1), 0.0)
-    if lt == SIGMOID:
+    if spec.loss_type == SIGMOID:
         partial = F.softplus(zf).sum(1) - zy
+        g = None
         if want_grad:
             g = zf.sigmoid_()
             g.scatter_add_(1, ty, torch.where(owned, -1.0, 0.0).to(cdtype).unsqueeze(1))
             g.mul_((a * scale).unsqueeze(1))
     else:
-        # As in the torch backend: every element as a non-target, then the target column patched, here
-        # only on the rank that owns it.
-        p, u = torch.sigmoid(zf), F.softplus(zf)
-        mod = _pow_gamma(p, gamma)
-        elem = u if mod is None else mod * u
-        tu, tq, t1q = F.softplus(-zy), torch.sigmoid(zy), torch.sigmoid(-zy)
-        tmod = _pow_gamma(t1q, gamma)
-        tloss = torch.where(owned, tu if tmod is None else tmod * tu, elem.gather(1, ty).squeeze(1))
-        partial = elem.scatter(1, ty, tloss.unsqueeze(1)).sum(1)
-        if want_grad:
-            q = torch.sigmoid(zf.neg_())
-            g = q.mul_(u).mul_(gamma).add_(p) if gamma != 0.0 else p
-            if mod is not None:
-                g = g.mul_(mod)
-            tg = gamma * tq * tu + t1q
-            tg = -(tg if tmod is None else tmod * tg)
-            g.scatter_(1, ty, torch.where(owned, tg, g.gather(1, ty).squeeze(1)).unsqueeze(1))
-            g.mul_((a * scale).unsqueeze(1))
+        # The torch backend's focal terms, the target column patched only on the rank that owns it.
+        partial, g = focal_terms(zf, ty, zy, a, scale, spec.gamma, want_grad, owned=owned)
     partial = torch.where(valid, a * partial, 0.0)
-    return _finish(z, g if want_grad else None, valid, None, partial)
+    return _finish(z, g, valid, None, partial)
 
 
 def _finish(z: Tensor, g: Optional[Tensor], valid: Tensor, full, partial):
@@ -398,11 +366,11 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     gb = torch.zeros(vocab, dtype=acc, device=device) if want_b else None
     rows = min(cfg.chunk_rows, n)
     buf = torch.empty(rows, vocab, dtype=dtype, device=device)
-    lt, gamma, eps, ii = cfg.loss_type, cfg.gamma, cfg.label_smoothing, cfg.ignore_index
+    spec = cfg.spec
     if shard is None:
         fwd, fwd_inplace = get_backend(cfg.backend).functions()
     else:
-        valid = target != ii
+        valid = target != spec.ignore_index
         t_local = target.long() - shard.start
         owned = valid & (t_local >= 0) & (t_local < vocab)
         t_local = torch.where(owned, t_local, 0)
@@ -425,11 +393,11 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
                 if part is not None:
                     partial[r0:r1] = part
             elif want_grad:
-                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, lt, gamma, eps, ii)
+                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, spec)
                 if row_scale is not None:
                     z.mul_(row_scale[r0:r1].unsqueeze(1))  # computed at row_scale's precision, rounded once
             else:
-                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, lt, gamma, eps, ii, False)[0]
+                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, spec, False)[0]
             if want_h:
                 if gh.dtype == dtype:
                     torch.mm(z, w_proj, out=gh[r0:r1])
@@ -442,7 +410,7 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     if shard is not None:
         import torch.distributed as dist
 
-        if lt in (SIGMOID, FOCAL) or eps:
+        if spec.loss_type in (SIGMOID, FOCAL) or spec.label_smoothing:
             dist.all_reduce(partial, group=shard.group)
             loss.add_(partial)
         if want_h:
@@ -458,10 +426,9 @@ class _LinearCBLossFunction(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], target: Tensor, weight: Tensor,
                 cfg: _Config) -> Tensor:
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        scale = _reduction_scale(target, weight, cfg.ignore_index, cfg.reduction, acc)
+        scale = reduction_scale(target, weight, cfg.spec, loss_dtype(hidden.dtype))
         ctx.cfg, ctx.want = cfg, want
-        if cfg.reduction == "none":
+        if cfg.spec.reduction == "none":
             loss = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg, (False, False, False))[0]
             if any(want):
                 ctx.save_for_backward(hidden, lm_weight, bias, target, weight)
@@ -470,13 +437,13 @@ class _LinearCBLossFunction(torch.autograd.Function):
         # Plain attributes, not save_for_backward: backward may consume them in place.
         ctx.grads = (gh, gw, gb) if any(want) else None
         total = loss.sum()
-        return total if cfg.reduction == "sum" else total * scale
+        return total if cfg.spec.reduction == "sum" else total * scale
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         cfg, want = ctx.cfg, ctx.want
         grad_output = grad_output.detach()
-        if cfg.reduction == "none":
+        if cfg.spec.reduction == "none":
             hidden, lm_weight, bias, target, weight = ctx.saved_tensors
             one = torch.ones((), dtype=grad_output.dtype, device=grad_output.device)
             _, gh, gw, gb = _run_chunks(hidden, lm_weight, bias, target, weight, one, cfg, want,
@@ -492,9 +459,7 @@ class _LinearCBLossFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             gh, gw, gb = (None if g is None else g.mul_(grad_output) for g in grads)
         if torch.is_grad_enabled():
-            # create_graph=True: differentiating these gradients again must fail loudly, not give 0.
-            gh, gw, gb = (None if g is None else torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(
-                g.detach().requires_grad_()) for g in (gh, gw, gb))
+            gh, gw, gb = (None if g is None else refuse_double_backward(g) for g in (gh, gw, gb))
         return gh, gw, gb, None, None, None
 
 
@@ -561,17 +526,15 @@ def linear_cb_loss(
     (``backend`` is not used). Every rank must make the same calls (and, for ``reduction="none"``,
     run backward), as with any collective.
     """
-    lt = V.check_loss_type(loss_type)
-    V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
-                    label_smoothing=label_smoothing, backend=backend)
-    if label_smoothing and lt != SOFTMAX:
-        raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
+    spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                       reduction=reduction)
+    V.check_backend(backend)
     hidden, lm_weight, bias = _autocast_inputs(hidden, lm_weight, bias)
     if process_group is None:
         _check_hidden(hidden)
         _check_shard(hidden, lm_weight, bias, chunk_size)
         vocab = lm_weight.shape[0]
-        _check_target(target, hidden, vocab, ignore_index)
+        _check_target(target, hidden, vocab, spec.ignore_index)
         n_cls = _class_len(samples_per_class, None)
         if n_cls >= 0 and n_cls != vocab:
             raise ValueError(f"samples_per_class has {n_cls} classes but lm_weight has V = {vocab}")
@@ -579,13 +542,12 @@ def linear_cb_loss(
         backend_name, shard = resolve_backend(backend, hidden.device).name, None
     else:
         shard, w = _vocab_shard(process_group, hidden, lm_weight, bias, target, samples_per_class, weight, beta,
-                                chunk_size, ignore_index)
+                                chunk_size, spec.ignore_index)
         vocab, backend_name = shard.total, backend
     lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
     n = math.prod(lead)
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, hidden_size, vocab)
-    cfg = _Config(lt, float(gamma), float(label_smoothing), int(ignore_index), reduction, rows, backend_name,
-                  bool(allow_retain_graph), shard)
+    cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard)
     loss = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w, cfg)
     return loss.reshape(lead) if reduction == "none" else loss
 
@@ -610,11 +572,9 @@ class LinearClassBalancedLoss(nn.Module):
         super().__init__()
         from .weights import class_balanced_weights
 
-        lt = V.check_loss_type(loss_type)
-        V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
-                        label_smoothing=label_smoothing, backend=backend)
-        if label_smoothing and lt != SOFTMAX:
-            raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got {loss_type!r}")
+        V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                    reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
+        V.check_backend(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 (or None), got {chunk_size!r}")

@@ -43,18 +43,15 @@ def class_balanced_loss(
     ``"none"``. ``label_smoothing`` applies to ``"softmax"`` only; ``gamma`` to the focal losses.
     ``inplace_backward=True`` writes the gradient over the logits buffer (the logits are destroyed).
     """
-    lt = V.check_loss_type(loss_type)
-    V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
-                    label_smoothing=label_smoothing, backend=backend)
-    if label_smoothing and lt != 0:
-        raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
-    V.check_logits_target(logits, target, ignore_index)
+    spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                       reduction=reduction)
+    V.check_backend(backend)
+    V.check_logits_target(logits, target, spec.ignore_index)
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
     b = resolve_backend(backend, logits.device)
-    return CBLossFunction.apply(logits, target, w, b.name, lt, float(gamma), float(label_smoothing),
-                                int(ignore_index), reduction, bool(inplace_backward))
+    return CBLossFunction.apply(logits, target, w, b.name, spec, bool(inplace_backward))
 
 
 def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
@@ -122,11 +119,9 @@ class ClassBalancedLoss(nn.Module):
         super().__init__()
         from .weights import class_balanced_weights
 
-        lt = V.check_loss_type(loss_type)
-        V.check_options(reduction=reduction, ignore_index=ignore_index, gamma=gamma,
-                        label_smoothing=label_smoothing, backend=backend)
-        if label_smoothing and lt != 0:
-            raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got {loss_type!r}")
+        V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                    reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
+        V.check_backend(backend)
         w = class_balanced_weights(samples_per_class, beta=beta, normalize=normalize, zero_count=zero_count)
         self.register_buffer("weight", w)
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma

@@ -1,0 +1,132 @@
+"""The cbkernels ops, defined once: loss-type codes, the loss specification, every op's schema and fake.
+
+A leaf module (it imports only torch). Every backend computes the same op over 2-D logits ``[N, C]``, with one
+argument list: the tensors, then the op fields of ``LossSpec`` in declaration order, then ``compute_grad``::
+
+    cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor scale, int loss_type, float gamma,
+                        float label_smoothing, int ignore_index, bool compute_grad) -> (Tensor, Tensor)
+    cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor scale, int loss_type,
+                                float gamma, float label_smoothing, int ignore_index) -> Tensor
+
+The forward op returns the per-row loss ``[N]`` (float32; float64 for float64 logits; SPEC section 3, 0 for ignored
+rows) and ``scale * dl/dz`` ``[N, C]`` in the logits' dtype (SPEC section 4; ``[0]`` without ``compute_grad``); the
+in-place op writes that gradient over the logits. ``scale`` is a 0-d tensor on the logits' device carrying the
+reduction's normaliser.
+
+Suffixes: ``""`` for the compiled ops (kernels for CPU and CUDA in ``cbkernels._C``, which registers kernels only),
+``"_torch"`` and ``"_triton"`` for the Python backends, which register theirs with ``register_kernels``.
+"""
+
+import dataclasses
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
+SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3  # the values of LOSS_TYPES; csrc and Triton use the same codes
+
+_HOST_ONLY = {"op": False}  # field metadata: read on the host by the autograd layer, never passed to a kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """What one loss call computes besides its tensors (SPEC sections 3-5), built and validated once at the API edge
+    by ``_validation.loss_spec`` and carried unchanged down to each op wrapper, which flattens it (``op_args``).
+
+    Python scalars only, so ``torch.compile`` treats a spec as a constant. Every field is an op argument (same name,
+    schema type from its annotation) unless marked ``_HOST_ONLY``. A field's default is the option switched off.
+    """
+
+    loss_type: int  # a value of LOSS_TYPES
+    gamma: float = 0.0  # focal exponent (focal losses only)
+    label_smoothing: float = 0.0  # eps (softmax only)
+    ignore_index: int = -100
+    reduction: str = dataclasses.field(default="mean", metadata=_HOST_ONLY)  # folded into ``scale`` on the host
+
+    def op_args(self) -> tuple:
+        """The op fields' values, in schema order."""
+        return tuple(getattr(self, name) for name in OP_FIELDS)
+
+    @classmethod
+    def from_op_args(cls, args) -> "LossSpec":
+        """The spec back from an op's flat scalar arguments (the host-only fields at their defaults)."""
+        return cls(**dict(zip(OP_FIELDS, args)))
+
+
+_OP_FIELDS = [f for f in dataclasses.fields(LossSpec) if f.metadata.get("op", True)]
+OP_FIELDS = tuple(f.name for f in _OP_FIELDS)
+_SCHEMA_TYPE = {int: "int", float: "float", bool: "bool"}
+# The spec's part of every op schema: "int loss_type, float gamma, float label_smoothing, int ignore_index".
+SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPE[f.type]} {f.name}" for f in _OP_FIELDS)
+
+
+def schemas(suffix: str) -> Tuple[str, str]:
+    """The forward and in-place forward schemas of the ops ``cb_loss_fwd<suffix>``, ``cb_loss_fwd_inplace<suffix>``."""
+    return (
+        f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor scale, {SPEC_SCHEMA}, "
+        "bool compute_grad) -> (Tensor, Tensor)",
+        f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor scale, {SPEC_SCHEMA}) "
+        "-> Tensor",
+    )
+
+
+def loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """float32 (float64 for float64 logits): the dtype of every loss and of the computation."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def fake_forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, *options) -> Tuple[Tensor, Tensor]:
+    """The fake kernel of every forward op (torch.compile, opcheck); ``options``: the op fields, ``compute_grad``."""
+    loss = logits.new_empty(logits.shape[:1], dtype=loss_dtype(logits.dtype))
+    grad = logits.new_empty(logits.shape if options[-1] else (0,))
+    return loss, grad
+
+
+def fake_forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, *options) -> Tensor:
+    """The fake kernel of every in-place forward op: the per-row loss (the gradient replaces the logits)."""
+    return logits.new_empty(logits.shape[:1], dtype=loss_dtype(logits.dtype))
+
+
+LIB = torch.library.Library("cbkernels", "FRAGMENT")
+
+
+def _exists(qualname: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def define_ops(suffix: str, *, _stacklevel: int = 1) -> None:
+    """Defines ``cb_loss_fwd<suffix>`` and ``cb_loss_fwd_inplace<suffix>`` with their fake kernels (once)."""
+    for schema, fake in zip(schemas(suffix), (fake_forward, fake_forward_inplace)):
+        qualname = "cbkernels::" + schema.split("(", 1)[0]
+        if not _exists(qualname):
+            LIB.define(schema)
+        elif not torch._C._dispatch_pystub(qualname, ""):
+            continue  # defined with its fake already
+        # An extension built before csrc/ops.cpp lost its m.def block defines the compiled ops itself and names the
+        # module that registers their fakes (m.set_python_module): cbkernels._ops, the caller of define_ops("").
+        torch.library.register_fake(qualname, fake, lib=LIB, _stacklevel=_stacklevel + 1)
+
+
+def register_kernels(suffix: str, forward: Callable, forward_inplace: Callable, dispatch_keys=("CPU", "CUDA")) -> None:
+    """Registers a Python backend's ``forward(logits, target, weight, scale, spec, compute_grad)`` and
+    ``forward_inplace(logits, target, weight, scale, spec)`` as the kernels of its ops: the dispatcher passes the
+    op's flat arguments, turned back into a ``LossSpec`` here."""
+
+    def fwd_kernel(logits, target, weight, scale, *options):
+        return forward(logits, target, weight, scale, LossSpec.from_op_args(options[:-1]), options[-1])
+
+    def fwd_inplace_kernel(logits, target, weight, scale, *options):
+        return forward_inplace(logits, target, weight, scale, LossSpec.from_op_args(options))
+
+    for key in dispatch_keys:
+        LIB.impl(f"cb_loss_fwd{suffix}", fwd_kernel, key)
+        LIB.impl(f"cb_loss_fwd_inplace{suffix}", fwd_inplace_kernel, key)
+
+
+define_ops("_torch")
+define_ops("_triton")

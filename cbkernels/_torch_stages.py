@@ -1,0 +1,117 @@
+"""PyTorch stages shared by the torch backend, the fused linear path and the two autograd layers.
+
+A leaf module (torch and ``_opdefs`` only). The softmax row stage and the focal terms are the math of SPEC sections
+3-4 once, for callers that hold the row statistics in different ways: the torch backend over whole rows, the
+vocabulary-parallel linear path over a shard of each row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._opdefs import SOFTMAX, LossSpec
+
+NO_DOUBLE_BACKWARD = (
+    "cbkernels: double backward through a class-balanced loss is not supported (its backward scales a "
+    "gradient computed in the forward pass)"
+)
+
+
+def refuse_double_backward(grad: Tensor) -> Tensor:
+    """``grad`` for a backward run with create_graph=True: fine for the rest of the graph, but differentiating it
+    again fails loudly rather than returning a silent zero."""
+    return torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD, 1)(grad.detach().requires_grad_())
+
+
+def reduction_scale(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch.dtype) -> Tensor:
+    """0-d normaliser of ``spec.reduction`` (SPEC section 5), kept on the device (no host sync)."""
+    valid = target != spec.ignore_index
+    if spec.reduction == "mean":
+        return 1.0 / valid.sum().clamp(min=1).to(dtype)
+    if spec.reduction == "weighted_mean":
+        a = torch.where(valid, weight[torch.where(valid, target, torch.zeros_like(target)).long()], 0.0)
+        total = a.to(dtype).sum()
+        return torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+    return torch.ones((), dtype=dtype, device=target.device)
+
+
+def pow_gamma(x: Tensor, gamma: float) -> Optional[Tensor]:
+    """``x ** gamma`` with the common gammas specialised; ``None`` stands for all ones (gamma 0)."""
+    if gamma == 0.0:
+        return None
+    if gamma == 1.0:
+        return x
+    if gamma == 2.0:
+        return x * x
+    if gamma == 0.5:
+        return x.sqrt()
+    return x.pow(gamma)
+
+
+def softmax_row_stage(nll: Tensor, one_minus_p: Optional[Tensor], a: Tensor, spec: LossSpec) -> Tuple[Tensor, Tensor]:
+    """The softmax losses' row loss and gradient coefficient from ``L = lse - z_y`` and ``1 - P`` (``P = p_y``).
+
+    Returns ``(loss, coef)``: ``loss`` is ``(1 - eps) L`` (softmax CE; the caller adds label smoothing's spread term
+    ``eps/C sum_j (lse - z_j)``, which needs the whole row) or ``(1 - P)^gamma L`` (softmax focal), before the weight
+    ``a``; ``coef`` is ``a`` or ``a c_i`` of SPEC section 4, the factor of the row's ``p - q``. ``one_minus_p``:
+    ``1 - P`` when the caller has it accurately, else ``None`` (then ``-expm1(-L)``; the focal loss only).
+    """
+    if spec.loss_type == SOFTMAX:
+        eps = spec.label_smoothing
+        return (nll if eps == 0.0 else (1.0 - eps) * nll), a
+    if one_minus_p is None:
+        one_minus_p = -torch.expm1(-nll)
+    mod = pow_gamma(one_minus_p, spec.gamma)
+    if mod is None:
+        return nll, a
+    # r = L / (1 - P) -> 1 as 1 - P underflows; keeps gamma < 1 finite (SPEC section 4).
+    r = torch.where(one_minus_p > 0, nll / one_minus_p, torch.ones_like(nll))
+    return mod * nll, a * mod * (1.0 + spec.gamma * torch.exp(-nll) * r)
+
+
+def softmax_grad_(g: Tensor, coef: Tensor, scale: Tensor, spec: LossSpec, num_classes: int) -> Tensor:
+    """``scale * coef * (p - q)`` in place, from ``g = p - (1 - eps) t`` (label smoothing's ``eps / C`` is
+    subtracted here)."""
+    if spec.label_smoothing != 0.0:
+        g.sub_(spec.label_smoothing / num_classes)
+    return g.mul_((coef * scale).unsqueeze(1))
+
+
+def focal_terms(z: Tensor, ty: Tensor, zy: Tensor, a: Tensor, scale: Tensor, gamma: float, want_grad: bool,
+                owned: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The sigmoid focal loss (the paper's CB_focal, SPEC sections 3-4) of a block of columns: the row sums of the
+    per-element terms ``[R]`` (before the weight) and, with ``want_grad``, ``a * scale * dl/dz`` ``[R, C]``.
+
+    Every element is first taken as a non-target (t = 0: v = -z, u = softplus(z), q = sigmoid(-z)), then the one
+    target column per row (``ty``, logit ``zy``) is overwritten with its own value: no one-hot, no sign flips.
+    ``owned`` (``[R]`` bool, the vocabulary-parallel path): rows whose target lies in this block; the others keep
+    ``ty``'s column as a non-target. ``z`` is never written.
+    """
+    p = torch.sigmoid(z)
+    u = F.softplus(z)
+    mod = pow_gamma(p, gamma)
+    elem = u if mod is None else mod * u
+    tu = F.softplus(-zy)  # target: u = softplus(-z_y), 1 - q = sigmoid(-z_y), q = sigmoid(z_y)
+    tq = torch.sigmoid(zy)
+    t1q = torch.sigmoid(-zy)
+    tmod = pow_gamma(t1q, gamma)
+    tloss = tu if tmod is None else tmod * tu
+    if owned is not None:
+        tloss = torch.where(owned, tloss, elem.gather(1, ty).squeeze(1))
+    rows = elem.scatter(1, ty, tloss.unsqueeze(1)).sum(1)
+    if not want_grad:
+        return rows, None
+    q = torch.sigmoid(-z)  # 1 - p without the cancellation of 1 - sigmoid(z)
+    g = q.mul_(u).mul_(gamma).add_(p) if gamma != 0.0 else p
+    if mod is not None:
+        g = g.mul_(mod)
+    tg = gamma * tq * tu + t1q
+    tg = -(tg if tmod is None else tmod * tg)
+    if owned is not None:
+        tg = torch.where(owned, tg, g.gather(1, ty).squeeze(1))
+    g = g.scatter_(1, ty, tg.unsqueeze(1))
+    return rows, g.mul_((a * scale).unsqueeze(1))
