@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _opdefs
 from ._opdefs import SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
-from ._torch_stages import focal_terms, softmax_grad_, softmax_row_stage
+from ._torch_stages import focal_terms, row_weights, softmax_grad_, softmax_row_stage
 
 # Elements per chunk: at most CHUNK_ELEMENTS (4 MB of float32) and at most a quarter of the logits, so that the
 # chunk's float32 temporaries (up to six [rows, C] buffers for the focal loss) stay well below the gradient's size;
@@ -96,9 +96,7 @@ def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: Lo
     n, c = logits.shape
     cdtype = loss_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cdtype, device=logits.device)
-    valid_all = target != spec.ignore_index
-    t_all = torch.where(valid_all, target, torch.zeros_like(target)).long()
-    a_all = weight.to(cdtype)[t_all]
+    valid_all, t_all, a_all = row_weights(target, weight, spec, cdtype)
     scale_c = scale.to(cdtype)
     rows = max(1, min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, n * c // 4)) // max(c, 1))
     # Ignored rows need their gradient zeroed (a zero weight would not clear a NaN logit). On the CPU the check

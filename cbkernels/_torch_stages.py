@@ -39,6 +39,14 @@ def reduction_scale(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch
     return torch.ones((), dtype=dtype, device=target.device)
 
 
+def row_weights(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(valid, t, a)`` per row: not ignored; the target, ignored rows pointed at class 0 (a safe index); the sample
+    weight ``a_i = w[t_i]`` in ``dtype`` (SPEC section 2; ignored rows keep class 0's weight: callers mask them)."""
+    valid = target != spec.ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target)).long()
+    return valid, t, weight.to(dtype)[t]
+
+
 def pow_gamma(x: Tensor, gamma: float) -> Optional[Tensor]:
     """``x ** gamma`` with the common gammas specialised; ``None`` stands for all ones (gamma 0)."""
     if gamma == 0.0:

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from . import _validation as V
 from ._backends import get_backend, resolve_backend
 from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
-from ._torch_stages import focal_terms, reduction_scale, refuse_double_backward, softmax_grad_, softmax_row_stage
+from ._torch_stages import (
+    focal_terms,
+    reduction_scale,
+    refuse_double_backward,
+    row_weights,
+    softmax_grad_,
+    softmax_row_stage,
+)
 
 # Smallest default chunk: below ~64 rows the two gradient matmuls run far from peak and the rank-R
 # update of the V x H accumulator becomes memory-bound (it reads and writes V*H floats per chunk).
@@ -370,11 +377,10 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     if shard is None:
         fwd, fwd_inplace = get_backend(cfg.backend).functions()
     else:
-        valid = target != spec.ignore_index
+        valid, _, a_all = row_weights(target, weight, spec, acc)
         t_local = target.long() - shard.start
         owned = valid & (t_local >= 0) & (t_local < vocab)
         t_local = torch.where(owned, t_local, 0)
-        a_all = torch.where(valid, weight.to(acc)[torch.where(valid, target, 0).long()], 0.0)
         scale_c = scale.to(acc)
     with torch.autocast(device.type, enabled=False):
         for r0 in range(0, n, max(rows, 1)):
