@@ -23,8 +23,8 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-LOSS_TYPES = {"softmax": 0, "sigmoid": 1, "focal": 2, "softmax_focal": 3}
-SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3  # the values of LOSS_TYPES; csrc and Triton use the same codes
+SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3  # the op's loss_type codes (csrc and Triton use the same)
+LOSS_TYPES = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "focal": FOCAL, "softmax_focal": SOFTMAX_FOCAL}
 
 _HOST_ONLY = {"op": False}  # field metadata: read on the host by the autograd layer, never passed to a kernel
 
@@ -56,7 +56,7 @@ class LossSpec:
 
 _OP_FIELDS = [f for f in dataclasses.fields(LossSpec) if f.metadata.get("op", True)]
 OP_FIELDS = tuple(f.name for f in _OP_FIELDS)
-_SCHEMA_TYPE = {int: "int", float: "float", bool: "bool"}
+_SCHEMA_TYPE = {int: "int", float: "float", bool: "bool"}  # keyed by the annotations' classes: no __future__ import
 # The spec's part of every op schema: "int loss_type, float gamma, float label_smoothing, int ignore_index".
 SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPE[f.type]} {f.name}" for f in _OP_FIELDS)
 
@@ -107,8 +107,9 @@ def define_ops(suffix: str, *, _stacklevel: int = 1) -> None:
             LIB.define(schema)
         elif not torch._C._dispatch_pystub(qualname, ""):
             continue  # defined with its fake already
-        # An extension built before csrc/ops.cpp lost its m.def block defines the compiled ops itself and names the
-        # module that registers their fakes (m.set_python_module): cbkernels._ops, the caller of define_ops("").
+        # Until csrc/ops.cpp drops its m.def block, cbkernels._C defines the compiled ops itself and names the module
+        # that must register their fakes (m.set_python_module): cbkernels._ops, the caller of define_ops(""), which
+        # _stacklevel points torch's check at. With kernels-only C++ this line only runs after LIB.define.
         torch.library.register_fake(qualname, fake, lib=LIB, _stacklevel=_stacklevel + 1)
 
 

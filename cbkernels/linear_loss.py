@@ -360,7 +360,7 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     """
     n, hidden_size = h.shape
     vocab, dtype, device = w_proj.shape[0], h.dtype, h.device
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = loss_dtype(dtype)
     want_h, want_w, want_b = want
     want_grad = want_h or want_w or want_b
     shard = cfg.shard
