@@ -1,7 +1,7 @@
 """cbkernels: fused class-balanced losses (Cui et al., CVPR 2019) for PyTorch.
 
 Importing this package never imports Triton, builds anything or touches a GPU; compiled backends load
-on first use. See SPEC.md for what every loss computes.
+on first use. See docs/spec.md for what every loss computes.
 """
 
 import sys as _sys

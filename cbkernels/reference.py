@@ -1,7 +1,7 @@
-"""The naive, readable class-balanced losses, written straight from SPEC's formulas.
+"""The naive, readable class-balanced losses, written straight from SPEC's formulas (docs/spec.md).
 
-Autograd does the gradient. This is the test oracle (run in float64) and the "naive" baseline of the
-benchmarks (run at the working dtype, as a user would write it: several full ``[N, C]`` tensors).
+Autograd does the gradient. This is the test oracle, run in float64. (The benchmarks' "naive" baseline, the
+official code's style at the working dtype, lives with them: ``benchmarks/harness.py``.)
 """
 
 from __future__ import annotations
@@ -81,26 +81,3 @@ def reference_loss(
         return torch.where(total > 0, per.sum() / torch.where(total > 0, total, 1), 0 * per.sum())
     raise ValueError(f"unknown reduction {reduction!r}")
 
-
-def naive_cb_loss(logits: Tensor, target: Tensor, weight: Tensor, *, loss_type: str = "focal",
-                  gamma: float = 0.5) -> Tensor:
-    """What users write today (the official code's style, mean reduction), for the benchmarks.
-
-    Softmax uses the native ``F.cross_entropy`` per sample, as a careful user would.
-    """
-    if loss_type == "softmax":
-        per = F.cross_entropy(logits, target, reduction="none")
-        return (weight[target] * per).mean()
-    onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
-    a = weight[target].to(logits.dtype).unsqueeze(1)
-    if loss_type == "sigmoid":
-        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        return (a * bce).sum() / logits.shape[0]
-    if loss_type == "focal":
-        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        modulator = torch.exp(-gamma * onehot * logits - gamma * torch.log1p(torch.exp(-1.0 * logits)))
-        return (a * modulator * bce).sum() / logits.shape[0]
-    if loss_type == "softmax_focal":
-        logp = F.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
-        return (weight[target] * (1 - logp.exp()) ** gamma * -logp).mean()
-    raise ValueError(f"unknown loss_type {loss_type!r}")
