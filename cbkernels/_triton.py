@@ -186,7 +186,9 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec:
     has_grad = grad is not None
     if has_grad and on_cpu and grad.dtype == torch.bfloat16:
         # The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest even): let it write
-        # float32 and round here, so that CPU tests see the GPU's numbers.
+        # float32 and round here, as a GPU does. That fixes this one rounding, not the arithmetic before it: the
+        # interpreter's float32 math is numpy's, not the GPU's approximations (_triton_kernels' docstring; the
+        # device model in tests/test_triton.py).
         grad32 = torch.empty(grad.shape, dtype=torch.float32)
         loss = _launch(logits, target, weight, scale, spec, grad32, plan)
         grad.copy_(grad32)
