@@ -68,7 +68,7 @@ def reps_for(nbytes: int) -> int:
 
 def make_step(provider: str, loss_type: str, logits, target, weight, compiled: dict):
     if provider in ("triton-kernel", "cuda-kernel"):
-        from cbkernels._backends import LOSS_TYPES
+        from cbkernels._opdefs import LOSS_TYPES
 
         scale = torch.ones((), device=logits.device)
         lt = LOSS_TYPES[loss_type]

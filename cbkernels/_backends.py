@@ -24,8 +24,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ._opdefs import LOSS_TYPES  # noqa: F401  (defined in _opdefs; benchmarks/gpu_bench.py still imports it from here)
-
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 
 

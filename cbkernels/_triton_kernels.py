@@ -29,17 +29,20 @@ Error bound and tolerances: tests/test_triton.py, "Float32 GPU error bound".
 import triton.language as tl
 from triton import jit
 
-SOFTMAX = tl.constexpr(0)
-SIGMOID = tl.constexpr(1)
-FOCAL = tl.constexpr(2)
-SOFTMAX_FOCAL = tl.constexpr(3)
+from . import _opdefs, _triton
+
+# The codes the host launches with (one definition each: _opdefs, _triton), as Triton constexprs.
+SOFTMAX = tl.constexpr(_opdefs.SOFTMAX)
+SIGMOID = tl.constexpr(_opdefs.SIGMOID)
+FOCAL = tl.constexpr(_opdefs.FOCAL)
+SOFTMAX_FOCAL = tl.constexpr(_opdefs.SOFTMAX_FOCAL)
 
 # GAMMA_CASE: the focal exponent, specialised where x ** gamma needs no transcendental.
-GAMMA_ZERO = tl.constexpr(0)  # also every non-focal loss
-GAMMA_HALF = tl.constexpr(1)
-GAMMA_ONE = tl.constexpr(2)
-GAMMA_TWO = tl.constexpr(3)
-GAMMA_ANY = tl.constexpr(4)
+GAMMA_ZERO = tl.constexpr(_triton.GAMMA_ZERO)  # also every non-focal loss
+GAMMA_HALF = tl.constexpr(_triton.GAMMA_HALF)
+GAMMA_ONE = tl.constexpr(_triton.GAMMA_ONE)
+GAMMA_TWO = tl.constexpr(_triton.GAMMA_TWO)
+GAMMA_ANY = tl.constexpr(_triton.GAMMA_ANY)
 
 # float32(ln 2): _exp's residual x - t * ln(2) in one FMA (the constant's own error, 2.7e-9 relative, leaves
 # 2.7e-9 * |x| in the result: 2.4e-7 at the underflow threshold |x| = 87).
@@ -103,6 +106,20 @@ def _sqrt_rn(x):
     else:
         r = tl.sqrt_rn(x)
     return r
+
+
+@jit
+def _load_z(z_rows, cols, mask, CDT: tl.constexpr):
+    """Every logit the kernels read passes here (row pointers and column indices, broadcast against each other), in
+    the compute dtype: the one place where the logit transforms of SPEC section 10 will apply."""
+    return tl.load(z_rows + cols, mask=mask, other=0.0).to(CDT)
+
+
+@jit
+def _store_grad(g_rows, cols, g, mask):
+    """Every gradient element is stored here, rounded once to the gradient's dtype (after every cancelling
+    difference was formed in the compute dtype); a transform's chain-rule factor will apply here."""
+    tl.store(g_rows + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -241,7 +258,7 @@ def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT: tl.constexpr, HAS_SMO
     for c0 in tl.range(col_lo, col_hi, BLOCK_C):
         cc = c0 + cols
         mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
         shift = _finite_or_zero(m_new)
         # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count. The target is left out.
@@ -266,10 +283,10 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid
         # Last tile first: the statistics pass read it last, so it is the likeliest still in L2.
         cc = col_lo + (n_tiles - 1 - i) * BLOCK_C + cols
         mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
         p = _exp(z - shift[:, None]) * inv_s[:, None]
         g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING)
-        tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
+        _store_grad(g_rows[:, None], cc[None, :], g, mask)
 
 
 @jit
@@ -282,12 +299,12 @@ def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_
     for c0 in tl.range(col_lo, col_hi, BLOCK_C):
         cc = c0 + cols
         mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = tl.load(z_rows[:, None] + cc[None, :], mask=mask, other=0.0).to(CDT)
+        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
         term, d = _one_vs_all_terms(z, cc[None, :] == y[:, None], gamma, LOSS_TYPE, GAMMA_CASE)
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
         if HAS_GRAD:
             g = tl.where(valid[:, None], coef[:, None] * d, 0.0)
-            tl.store(g_rows[:, None] + cc[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
+            _store_grad(g_rows[:, None], cc[None, :], g, mask)
     return acc
 
 
@@ -352,11 +369,11 @@ def cb_loss_kernel(
         col_hi = n_cols
 
     if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
-        zy = tl.load(z_rows + y, mask=hit, other=0.0).to(CDT)
+        zy = _load_z(z_rows, y, hit, CDT)
         if SINGLE_TILE:
             cols = tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (cols < n_cols)[None, :]
-            z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(CDT)
+            z = _load_z(z_rows[:, None], cols[None, :], mask, CDT)
             m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
             e = tl.where(mask, _exp(z - _finite_or_zero(m)[:, None]), 0.0)
             is_t = cols[None, :] == y[:, None]
@@ -371,7 +388,7 @@ def cb_loss_kernel(
             if HAS_GRAD:
                 g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p,
                                   HAS_SMOOTHING)
-                tl.store(g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+                _store_grad(g_rows[:, None], cols[None, :], g, mask)
         else:
             m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT, HAS_SMOOTHING, ROWS, BLOCK_C)
             if SPLIT:
