@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._opdefs import loss_dtype
 from ._triton import compile_options
 
 # Column tile by element size (about 8 KB of 16-bit values per tile), and programs per SM of the persistent grid.
@@ -72,7 +73,7 @@ def scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
     go = grad_output.reshape(-1) if per_row else grad_output.reshape(())
     if per_row and go.shape[0] != n:
         raise ValueError(f"grad_output has {go.shape[0]} rows, the gradient {n}")
-    go = go.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).contiguous()
+    go = go.to(loss_dtype(grad.dtype)).contiguous()
     if n == 0 or c == 0:
         return grad
     on_cpu = grad.device.type == "cpu"  # CPU tensors: the Triton interpreter (tests)
