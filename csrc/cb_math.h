@@ -11,19 +11,9 @@
 #include <cfloat>
 #include <cmath>
 
-// Forced inline on the host too: the SIMD instantiations return several vectors per call, which
-// only stay in registers once the call is gone.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define CB_HOST_DEVICE __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define CB_HOST_DEVICE inline __attribute__((always_inline))
-#else
-#define CB_HOST_DEVICE inline
-#endif
+#include "cb_params.h"
 
 namespace cbkernels {
-
-enum LossType : int { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
 
 // The focal exponents whose modulator needs no transcendental beyond the shared exp(-|v|).
 enum class GammaKind : int { kZero, kHalf, kOne, kTwo, kGeneral };
@@ -133,15 +123,15 @@ CB_HOST_DEVICE void focal_term(typename M::V v, typename M::V gamma, typename M:
   }
 }
 
-// Row cross-entropy L = lse - z_y from the softmax row sums: m = max_j z_j, e_y = exp(z_y - m),
-// s_other = sum_{j != y} exp(z_j - m). log1p(s_other / e_y) keeps full relative precision when the
-// target dominates (L -> 0), where m + log(sum) - z_y would cancel to 0; once e_y is no longer a
-// normal number the direct form is the accurate one (L is then large).
+// Row cross-entropy L = lse - z_y from the softmax row sums: e_y = exp(z_y - m) and s_other = sum_{j != y}
+// exp(z_j - m) for a shift m, gap = lse - z_y - log(e_y + s_other) (m - z_y, see ExpShift). log1p(s_other / e_y)
+// keeps full relative precision when the target dominates (L -> 0), where m + log(sum) - z_y would cancel to 0; once
+// e_y is no longer a normal number the direct form is the accurate one (L is then large).
 template <typename T>
-CB_HOST_DEVICE T softmax_nll(T m, T zy, T ey, T s_other) {
+CB_HOST_DEVICE T softmax_nll(T gap, T ey, T s_other) {
   const T ratio = s_other / ey;
   if (ey >= Limits<T>::min_normal() && ratio <= Limits<T>::max_finite()) return cb_log1p(ratio);
-  return (m - zy) + cb_log(ey + s_other);
+  return gap + cb_log(ey + s_other);
 }
 
 template <typename T>
@@ -188,5 +178,99 @@ CB_HOST_DEVICE void softmax_focal_row_exact_gamma(T L, double gamma, GammaKind g
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Row epilogue of the softmax losses, shared by the CPU and CUDA kernels.
+
+// A softmax row's statistics, relative to a finite shift m (the row max, see ExpShift).
+template <typename T>
+struct SoftmaxRowStats {
+  T m;           // the shift
+  T zy;          // the target logit
+  T ey;          // the target's exp relative to the shift
+  T s_other;     // the sum of the other classes' exps, same shift
+  T dist;        // sum_j (m - z_j); read with label smoothing only
+  T log_offset;  // kPow2 only: log(sum_j exp(z_j - m)) - log(ey + s_other)
+};
+
+// How a kernel's exps e_j relate to exp(z_j - m), which decides how the epilogue forms L = lse - z_y's direct form
+// and lse - m (label smoothing):
+// - kExact: e_j = exp(z_j - m) to an ulp (CPU, CUDA float64): L = (m - z_y) + log(sum), lse - m = log(sum).
+// - kPow2: e_j = 2^(z_j log2(e) - k) by a hardware approximation (CUDA float, ShiftedExp in cb_loss_cuda_math.cuh): a
+//   common factor 2^r that log_offset takes out of log(sum), and 2 ulp each, which log(sum) would carry, absolute, into
+//   a smoothing term that is exactly 0 for C = 1: there lse - m = L - (m - z_y) from the accurate L instead.
+enum class ExpShift : int { kExact, kPow2 };
+
+// The row's loss a_i l_i and its gradient: g_j = k1 e_j - k0 for j != y, g_y at the target.
+template <typename T>
+struct SoftmaxRowOut {
+  T loss;
+  T k1;
+  T k0;
+  T gy;
+};
+
+// The softmax losses' per-row epilogue (SPEC sections 3-4), set up once per call from the params, the focal exponent's
+// kind and the gradient scale (load_scale), then applied to each row's statistics and sample weight a:
+//   softmax CE:    l = (1 - eps) L + eps (lse - mean_j z_j),  dl/dz_j = p_j - q_j
+//   softmax focal: l = (1-P)^gamma L,                         dl/dz_j = c (p_j - t_j)  (softmax_focal_row)
+// with L = lse - z_y, lse - mean_j z_j = (lse - m) + mean_j (m - z_j) (every term >= 0: no cancellation), and
+// p_y - q_y = eps (1 - 1/C) - (1 - p_y), 1 - p_y = s_other / sum formed without cancellation.
+template <ExpShift kShift, typename T>
+class SoftmaxEpilogue {
+ public:
+  CB_HOST_DEVICE SoftmaxEpilogue(const CBLossParams& p, GammaKind gk, T scale)
+      : focal_(p.loss_type == kSoftmaxFocal),
+        eps_(focal_ ? T(0) : static_cast<T>(p.label_smoothing)),
+        num_classes_(static_cast<T>(p.num_classes)),
+        scale_(scale),
+        gamma_(p.gamma),
+        gk_(gk) {}
+
+  // Whether the rows need dist (SoftmaxRowStats).
+  CB_HOST_DEVICE bool smoothing() const { return eps_ != T(0); }
+
+  CB_HOST_DEVICE SoftmaxRowOut<T> operator()(const SoftmaxRowStats<T>& st, T a) const {
+    const T sum = st.s_other + st.ey;
+    const T gap = kShift == ExpShift::kExact ? st.m - st.zy : (st.m - st.zy) + st.log_offset;
+    const T nll = softmax_nll(gap, st.ey, st.s_other);
+    T row_loss = nll, coef = T(1);
+    if (focal_) {
+      T mod;
+      softmax_focal_row_exact_gamma(nll, gamma_, gk_, mod, coef);
+      row_loss = mod * nll;
+    } else if (eps_ != T(0)) {
+      const T lse_m = kShift == ExpShift::kExact ? cb_log(sum) : nll - (st.m - st.zy);
+      row_loss = (T(1) - eps_) * nll + eps_ * (lse_m + st.dist / num_classes_);
+    }
+    const T k = a * scale_ * coef;
+    SoftmaxRowOut<T> out;
+    out.loss = a * row_loss;
+    out.k1 = k / sum;
+    out.k0 = k * eps_ / num_classes_;
+    out.gy = k * (eps_ * (T(1) - T(1) / num_classes_) - st.s_other / sum);
+    return out;
+  }
+
+ private:
+  bool focal_;
+  T eps_;  // label smoothing (0 for the focal loss)
+  T num_classes_;
+  T scale_;
+  double gamma_;  // exact: see softmax_focal_row_exact_gamma
+  GammaKind gk_;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Logit transforms (SPEC section 10: softcap, offset, margin, scale). Every logit a kernel reads passes through
+// logit() (z' for class col), and every gradient it stores through grad() (dl/dz from dl/dz'): the one place per
+// language the transforms touch. The identity until they land; built once per call from the params.
+struct LogitTransform {
+  static CB_HOST_DEVICE LogitTransform from(const CBLossParams& /*p*/) { return {}; }
+  template <typename V>
+  CB_HOST_DEVICE V logit(const V& z, int64_t /*col*/) const { return z; }
+  template <typename V>
+  CB_HOST_DEVICE V grad(const V& g, int64_t /*col*/) const { return g; }
+};
 
 }  // namespace cbkernels

@@ -219,8 +219,7 @@ template <typename A>
 CB_DEVICE SoftmaxRow<A> softmax_row(A m, A log_offset, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes,
                                     A eps, double gamma, GammaKind gk, bool focal) {
   const A sum = s_other + ey;
-  // L = (m - z_y) + log(sum exp(z - m)); softmax_nll's direct form (e_y not normal) reads it as "m" - "z_y".
-  const A nll = softmax_nll((m - zy) + log_offset, A(0), ey, s_other);
+  const A nll = softmax_nll((m - zy) + log_offset, ey, s_other);
   A row_loss = nll, coef = A(1);
   if (focal) {
     A mod;

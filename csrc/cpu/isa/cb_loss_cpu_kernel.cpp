@@ -179,19 +179,34 @@ CB_HOST_DEVICE Vectorized<T> drop_target(const Vectorized<T>& v, int64_t j, int6
   return Vectorized<T>::blendv(v, Vectorized<T>(0), Vectorized<T>::arange(0, 1) == Vectorized<T>(T(y - j)));
 }
 
-inline int64_t target_at(const CBLossParams& p, int64_t i) {
-  return p.target_is_int32 ? static_cast<const int32_t*>(p.target)[i] : static_cast<const int64_t*>(p.target)[i];
+// Every logit read: the n <= W logits of columns [j, j + n), or the target's, through the logit transform.
+template <typename scalar_t>
+CB_HOST_DEVICE Vectorized<acc_t<scalar_t>> load_logits(const LogitTransform& tf, const scalar_t* z, int64_t j,
+                                                       int64_t n) {
+  return tf.logit(load(z + j, n), j);
+}
+template <typename scalar_t>
+CB_HOST_DEVICE acc_t<scalar_t> target_logit(const LogitTransform& tf, const scalar_t* z, int64_t y) {
+  return tf.logit(static_cast<acc_t<scalar_t>>(z[y]), y);
 }
 
-// Resolves the row's target; false (and the row zeroed) when it is ignored or out of range.
+// Every gradient store: dl/dz' of columns [j, j + n), or of the target, through the logit transform's chain rule.
 template <typename scalar_t>
-inline bool row_target(const CBLossParams& p, int64_t i, scalar_t* g, int64_t& y, int64_t& bad) {
-  y = target_at(p, i);
-  if (y != p.ignore_index && y >= 0 && y < p.num_classes) return true;
-  if (y != p.ignore_index && bad < 0) bad = i;
+CB_HOST_DEVICE void store_grad(const LogitTransform& tf, scalar_t* g, int64_t j, const Vectorized<acc_t<scalar_t>>& v,
+                               int64_t n) {
+  store(g + j, tf.grad(v, j), n);
+}
+template <typename scalar_t>
+CB_HOST_DEVICE void store_target_grad(const LogitTransform& tf, scalar_t* g, int64_t y, acc_t<scalar_t> v) {
+  g[y] = static_cast<scalar_t>(tf.grad(v, y));
+}
+
+// A row whose target does not count (cb_params.h): written as ignored, and recorded when its target is bad.
+template <typename scalar_t>
+inline void skip_row(const CBLossParams& p, int64_t i, const IndexTarget& t, scalar_t* g, int64_t& bad) {
+  if (t.bad(p) && bad < 0) bad = i;
   static_cast<acc_t<scalar_t>*>(p.loss)[i] = 0;
   if (g != nullptr) std::fill(g, g + p.num_classes, scalar_t(0));
-  return false;
 }
 
 // Sigmoid cross-entropy (G = kZero) and sigmoid focal: a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij].
@@ -202,28 +217,34 @@ CB_FLATTEN int64_t sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t en
   const int64_t C = p.num_classes;
   const T gamma = static_cast<T>(p.gamma);
   const Vec vgamma(gamma);
+  const T scale = load_scale<T>(p);
+  const LogitTransform tf = LogitTransform::from(p);
   int64_t bad = -1;
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
-    int64_t y;
-    if (!row_target(p, i, g, y, bad)) continue;
-    const T zy = static_cast<T>(z[y]);  // read first: in place, the pieces below overwrite it
-    const T a = p.weight[y];
-    const T k = a * static_cast<T>(p.scale);
+    const IndexTarget t = index_target(p, i);
+    if (!t.valid) {
+      skip_row(p, i, t, g, bad);
+      continue;
+    }
+    const int64_t y = t.column;
+    const T zy = target_logit(tf, z, y);  // read first: in place, the pieces below overwrite it
+    const T a = t.weight<T>(p);
+    const T k = a * scale;
     const Vec vk(k);
     Vec acc(0);
     // Every class as a non-target (v = -z, d l / d z = +dloss); the target's lane is then dropped
     // from the sum and its gradient rewritten below.
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
       Vec l, dl;
-      focal_term<G, VecMath<T>>(Vec(0) - load(z + j, n), vgamma, l, dl);
+      focal_term<G, VecMath<T>>(Vec(0) - load_logits(tf, z, j, n), vgamma, l, dl);
       acc = acc + drop_target(head(l, n), j, n, y);
-      if (g != nullptr) store(g + j, dl * vk, n);
+      if (g != nullptr) store_grad(tf, g, j, dl * vk, n);
     });
     T ly, dly;
     focal_term<G, ScalarMath<T>>(zy, gamma, ly, dly);
-    if (g != nullptr) g[y] = static_cast<scalar_t>(-dly * k);
+    if (g != nullptr) store_target_grad(tf, g, y, -dly * k);
     static_cast<T*>(p.loss)[i] = a * (hsum(acc) + ly);
   }
   return bad;
@@ -236,9 +257,9 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
   const int64_t C = p.num_classes;
-  const bool focal = p.loss_type == kSoftmaxFocal;
-  const T eps = focal ? T(0) : static_cast<T>(p.label_smoothing);
-  const GammaKind gk = gamma_kind(p.gamma);
+  const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p));
+  const bool smoothing = epilogue.smoothing();
+  const LogitTransform tf = LogitTransform::from(p);
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
   // The exps live in the gradient row when it has the compute type (no extra memory, and in place
   // they simply replace the logits already read), else in one float buffer per call, i.e. per thread.
@@ -248,17 +269,21 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
-    int64_t y;
-    if (!row_target(p, i, g, y, bad)) continue;
+    const IndexTarget t = index_target(p, i);
+    if (!t.valid) {
+      skip_row(p, i, t, g, bad);
+      continue;
+    }
+    const int64_t y = t.column;
 
     Vec vmax = neg_inf;
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = load(z + j, n);
+      const Vec x = load_logits(tf, z, j, n);
       // A NaN may or may not survive this max; either way it reaches the row's sum through its exp.
       vmax = at::vec::clamp_min(n == Vec::size() ? x : Vec::set(neg_inf, x, n), vmax);
     });
     const T m = hmax(vmax);
-    const T zy = static_cast<T>(z[y]);
+    const T zy = target_logit(tf, z, y);
 
     T* e = nullptr;
     if constexpr (kExpsInGrad) {
@@ -269,36 +294,23 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
     const Vec vm(m);
     Vec s_other(0), dist(0);  // sum_{j != y} exp(z_j - m); sum_j (m - z_j) for label smoothing
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = load(z + j, n);
+      const Vec x = load_logits(tf, z, j, n);
       const Vec ex = exp_nonpos(x - vm);
       if (e != nullptr) store(e + j, ex, n);
       s_other = s_other + drop_target(head(ex, n), j, n, y);
-      if (eps != T(0)) dist = dist + head(vm - x, n);
+      if (smoothing) dist = dist + head(vm - x, n);
     });
     const T ey = cb_exp(zy - m);
     if (e != nullptr) e[y] = ey;
-    const T so = hsum(s_other);
-    const T sum = so + ey;
 
-    const T nll = softmax_nll(m, zy, ey, so);
-    T row_loss = nll, coef = 1;
-    if (focal) {
-      T mod;
-      softmax_focal_row_exact_gamma(nll, p.gamma, gk, mod, coef);
-      row_loss = mod * nll;
-    } else if (eps != T(0)) {
-      // (eps/C) sum_j (lse - z_j) = eps (log(sum) + mean_j (m - z_j)): every term >= 0, no cancellation.
-      row_loss = (1 - eps) * nll + eps * (cb_log(sum) + hsum(dist) / static_cast<T>(C));
-    }
-    const T a = p.weight[y];
-    static_cast<T*>(p.loss)[i] = a * row_loss;
+    const SoftmaxRowStats<T> st{m, zy, ey, hsum(s_other), smoothing ? hsum(dist) : T(0), T(0)};
+    const SoftmaxRowOut<T> out = epilogue(st, t.weight<T>(p));
+    static_cast<T*>(p.loss)[i] = out.loss;
     if (g == nullptr) continue;
 
-    const T k = a * static_cast<T>(p.scale) * coef;
-    const Vec k1(k / sum), k0(k * eps / static_cast<T>(C));
-    for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) { store(g + j, load(e + j, n) * k1 - k0, n); });
-    // p_y - q_y = -(1 - p_y) + eps (1 - 1/C), with 1 - p_y = s_other / sum formed without cancellation.
-    g[y] = static_cast<scalar_t>(k * (eps * (1 - T(1) / static_cast<T>(C)) - so / sum));
+    const Vec k1(out.k1), k0(out.k0);
+    for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) { store_grad(tf, g, j, load(e + j, n) * k1 - k0, n); });
+    store_target_grad(tf, g, y, out.gy);
   }
   return bad;
 }

@@ -1,0 +1,82 @@
+// What a kernel of cbkernels::cb_loss_fwd / cb_loss_fwd_inplace needs, as one plain struct (the flash-attention
+// manner): the CPU row kernels take it, the CUDA launcher extends it with its launch fields (cb_loss_cuda.h), and
+// the CUDA emulation in tests/cuda_emu fills it from Python. Only the bindings (through csrc/cb_binding.h's
+// set_params) fill it from tensors. Torch-free: raw pointers, sizes and strides, so nvcc compiles it alone.
+#pragma once
+
+#include <cstdint>
+
+// Forced inline on the host too: the SIMD instantiations of cb_math.h return several vectors per call, which
+// only stay in registers once the call is gone.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CB_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define CB_HOST_DEVICE inline __attribute__((always_inline))
+#else
+#define CB_HOST_DEVICE inline
+#endif
+
+namespace cbkernels {
+
+enum LossType : int { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
+
+// Storage type of the logits and the gradient.
+enum class Dtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
+
+// No default member initialisers: the struct stays an aggregate whose layout the CUDA emulation's ctypes mirror
+// reproduces, and a derived struct never packs its fields into this one's tail padding.
+struct CBLossParams {
+  const void* logits;         // [num_rows, num_classes], unit stride along the classes, any row stride
+  int64_t logits_row_stride;  // in elements
+  void* grad;                 // scale * dl/dz in the logits' dtype, nullptr for no gradient; may alias logits
+  int64_t grad_row_stride;
+  const void* target;         // [num_rows] class indices, int64 (int32 when target_is_int32)
+  const float* weight;        // [num_classes] class weights
+  const void* scale;          // 0-d gradient scale, float (double when scale_is_double), on the logits' device
+  void* loss;                 // [num_rows] per-row loss, float (double for double logits); 0 for ignored rows
+  int64_t num_rows;
+  int64_t num_classes;        // >= 1
+  Dtype dtype;
+  bool target_is_int32;
+  bool scale_is_double;
+  // The loss options: the op's scalar arguments (SPEC sections 2-4).
+  int loss_type;              // LossType
+  double gamma;               // focal exponent, >= 0
+  double label_smoothing;     // in [0, 1], softmax cross-entropy only
+  int64_t ignore_index;
+};
+
+// The gradient scale in the compute type A (read where the kernel runs: no host sync on CUDA).
+template <typename A>
+CB_HOST_DEVICE A load_scale(const CBLossParams& p) {
+  return p.scale_is_double ? static_cast<A>(*static_cast<const double*>(p.scale))
+                           : static_cast<A>(*static_cast<const float*>(p.scale));
+}
+
+// Targets as class indices (SPEC section 2), one row at a time. The kernels keep the target column apart from the
+// other classes (its terms formed without cancellation); a dense-target family (SPEC section 9) is the other
+// member: per row, whether it counts, the sample weight, and per class the target probability.
+struct IndexTarget {
+  int64_t column;  // the target class y_i when valid; otherwise the raw target (ignore_index or out of range)
+  bool valid;      // counted: within [0, C) and not ignore_index
+
+  // Neither ignore_index nor within [0, C): an error (CPU: IndexError; CUDA: a device assert).
+  CB_HOST_DEVICE bool bad(const CBLossParams& p) const { return !valid && column != p.ignore_index; }
+
+  // The sample weight a_i = w[y_i], 0 for a row that does not count.
+  template <typename A>
+  CB_HOST_DEVICE A weight(const CBLossParams& p) const {
+    return valid ? static_cast<A>(p.weight[column]) : A(0);
+  }
+};
+
+CB_HOST_DEVICE IndexTarget index_target(const CBLossParams& p, int64_t row) {
+  IndexTarget t;
+  t.column = p.target_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.target)[row])
+                               : static_cast<const int64_t*>(p.target)[row];
+  // 0 <= column < C as one unsigned comparison (a negative column wraps to a huge one).
+  t.valid = static_cast<uint64_t>(t.column) < static_cast<uint64_t>(p.num_classes) && t.column != p.ignore_index;
+  return t;
+}
+
+}  // namespace cbkernels
