@@ -110,26 +110,12 @@ cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& p, cudaStream_t stream) 
   if (p.loss_type < kSoftmax || p.loss_type > kSoftmaxFocal) return cudaErrorInvalidValue;
 
   KernelArgs a{};
-  a.logits = p.logits;
-  a.grad = p.grad;
-  a.target = p.target;
-  a.weight = p.weight;
-  a.scale = p.scale;
-  a.loss = p.loss;
+  static_cast<CBLossParams&>(a) = p;
   a.workspace = p.workspace;
-  a.num_rows = p.num_rows;
-  a.logits_row_stride = p.logits_row_stride;
-  a.grad_row_stride = p.grad_row_stride;
-  a.ignore_index = p.ignore_index;
-  a.gamma = p.gamma;
-  a.label_smoothing = p.label_smoothing;
-  a.num_classes = static_cast<int>(p.num_classes);
   a.threads_per_row = plan.threads_per_row;
   a.splits = plan.splits;
   a.chunks_per_split = plan.chunks_per_split;
   a.gamma_kind = gamma_kind(p.gamma);
-  a.target_is_int32 = p.target_is_int32;
-  a.scale_is_double = p.scale_is_double;
   a.has_grad = p.grad != nullptr;
   a.softmax_focal = p.loss_type == kSoftmaxFocal;
 

@@ -1,6 +1,6 @@
 // Launcher interface of the CUDA kernels of cbkernels::cb_loss_fwd / cb_loss_fwd_inplace (schemas in
-// csrc/ops.cpp). Torch-free, like the kernels behind it: the binding (cb_loss_cuda_binding.cpp, the only
-// CUDA file that sees torch) fills CBLossCudaParams from tensors and calls these functions.
+// cbkernels/_opdefs.py). Torch-free, like the kernels behind it: the binding (cb_loss_cuda_binding.cpp, the only
+// CUDA file that sees torch) fills CBLossCudaParams from tensors (csrc/cb_binding.h) and calls these functions.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,32 +8,16 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace cbkernels::gpu {
+#include "../cb_params.h"
 
-enum class Dtype : int { kFloat, kHalf, kBFloat16, kDouble };
+namespace cbkernels::gpu {
 
 // Which kernel shape computes a call; kAuto lets cb_loss_cuda_plan decide (tests force the others). The
 // sigmoid losses have the stream path only (they never hold a row), whatever is forced.
 enum class Path : int { kAuto = 0, kRows = 1, kStream = 2 };
 
-struct CBLossCudaParams {
-  const void* logits;         // [num_rows, num_classes], unit stride along the classes, any row stride
-  int64_t logits_row_stride;  // in elements
-  void* grad;                 // scale * dl/dz in the logits' dtype, nullptr for no gradient; may alias logits
-  int64_t grad_row_stride;
-  const void* target;         // [num_rows] int64 or int32
-  bool target_is_int32;
-  const float* weight;        // [num_classes] class weights
-  const void* scale;          // 0-d gradient scale on the device: float, or double for double logits
-  bool scale_is_double;
-  void* loss;                 // [num_rows] float (double for double logits); 0 for ignored rows
-  int64_t num_rows;
-  int64_t num_classes;        // >= 1 and < 2^31 - 64
-  int loss_type;              // cbkernels::LossType
-  double gamma;
-  double label_smoothing;
-  int64_t ignore_index;
-  Dtype dtype;
+// The kernels' params (cb_params.h; num_classes < 2^31 - 64, num_rows < 2^31) and what a launch adds to them.
+struct CBLossCudaParams : CBLossParams {
   int num_sms;                // multiprocessors of the device: sizes the split of few, long rows
   void* workspace;            // cb_loss_cuda_workspace_bytes(params) bytes of device memory (or nullptr for 0)
   // Testing hooks (0 = automatic): the kernel shape; threads per row, a power of two up to 32 (several rows

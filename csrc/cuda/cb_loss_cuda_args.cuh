@@ -1,5 +1,5 @@
 // Shared between the launch planner (cb_loss_cuda.cu) and the per-dtype kernel files: the kernels'
-// argument block, the launch constants the planner sizes grids with, and the typed launchers.
+// argument, the launch constants the planner sizes grids with, and the typed launchers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -20,6 +20,11 @@ constexpr int kRowsBlockThreads = 256;
 // Stream path: kStreamThreads threads (a block) per long row loop over it, kUnroll chunks per thread in flight.
 constexpr int kStreamThreads = 256;
 constexpr int kUnroll = 4;
+// Stream blocks an SM must hold at once: 4 (64 registers a thread) keeps 64 KB of loads in flight per SM; unbounded,
+// ptxas drifts between 48 and 78 registers on incidental changes (the argument layout moved float's sigmoid kernels
+// from 64 to 76, a quarter of the blocks lost). The float64 sigmoid-type terms need more registers: 2 blocks (128).
+template <typename A, bool kSoftmax>
+constexpr int kStreamMinBlocks = sizeof(A) == 4 || kSoftmax ? 4 : 2;
 constexpr int kStreamChunksPerIter = kStreamThreads * kUnroll;
 // Split rows: at least this many chunks per block, about kSplitBlocksPerSM blocks per SM in all.
 constexpr int kSplitMinChunks = kStreamChunksPerIter;
@@ -27,27 +32,13 @@ constexpr int kSplitBlocksPerSM = 4;
 // Partial row results of one split: max, sum of exps, distance to the max, element count, target logit.
 constexpr int kStatsFields = 5;
 
-struct KernelArgs {
-  const void* logits;
-  void* grad;
-  const void* target;
-  const float* weight;
-  const void* scale;
-  void* loss;
+// The kernels' argument: the call's params and its plan's shape.
+struct KernelArgs : CBLossParams {
   void* workspace;
-  int64_t num_rows;
-  int64_t logits_row_stride;
-  int64_t grad_row_stride;
-  int64_t ignore_index;
-  double gamma;
-  double label_smoothing;
-  int num_classes;
   int threads_per_row;
   int splits;
   int chunks_per_split;
   GammaKind gamma_kind;
-  bool target_is_int32;
-  bool scale_is_double;
   bool has_grad;
   bool softmax_focal;
 };

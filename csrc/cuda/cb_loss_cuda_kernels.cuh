@@ -162,7 +162,17 @@ struct Row {
   bool valid;  // labelled with a class in [0, C)
   int y;       // target class, -1 (no column) when not valid
   A a;         // class weight w[y], 0 when not valid
+  LogitTransform tf;
 };
+
+// The row's target (cb_params.h); rows past the end count as ignored.
+CB_DEVICE IndexTarget row_target(const KernelArgs& p, int64_t row, bool in_range) {
+  if (!in_range) return IndexTarget{p.ignore_index, false};
+  const IndexTarget t = index_target(p, row);
+  // The API edge already asserts this on the device; here it guards the w[y] and z[y] reads.
+  if (t.bad(p)) __assert_fail("cbkernels: target outside [0, C) and not ignore_index", __FILE__, __LINE__, __func__);
+  return t;
+}
 
 template <typename T>
 CB_DEVICE Row<T> load_row(const KernelArgs& p, int64_t row, bool in_range) {
@@ -172,30 +182,15 @@ CB_DEVICE Row<T> load_row(const KernelArgs& p, int64_t row, bool in_range) {
   const T* z_row = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
   r.shift = static_cast<int>((reinterpret_cast<uintptr_t>(z_row) & 15u) / sizeof(T));
   r.z = z_row - r.shift;
-  r.chunks = (r.shift + p.num_classes + V - 1) / V;
+  r.chunks = (r.shift + static_cast<int>(p.num_classes) + V - 1) / V;
   r.g = p.has_grad ? static_cast<T*>(p.grad) + row * p.grad_row_stride : nullptr;
   r.g_aligned_like_z = static_cast<int>((reinterpret_cast<uintptr_t>(r.g) & 15u) / sizeof(T)) == r.shift;
-  int64_t y = p.ignore_index;
-  if (in_range) {
-    y = p.target_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.target)[row])
-                          : static_cast<const int64_t*>(p.target)[row];
-  }
-  const bool labelled = in_range && y != p.ignore_index;
-  const bool in_bounds = y >= 0 && y < p.num_classes;
-  // The API edge already asserts this on the device; here it guards the w[y] and z[y] reads.
-  if (labelled && !in_bounds) {
-    __assert_fail("cbkernels: target outside [0, C) and not ignore_index", __FILE__, __LINE__, __func__);
-  }
-  r.valid = labelled && in_bounds;
-  r.y = r.valid ? static_cast<int>(y) : -1;
-  r.a = r.valid ? static_cast<typename Row<T>::A>(p.weight[y]) : typename Row<T>::A(0);
+  const IndexTarget t = row_target(p, row, in_range);
+  r.valid = t.valid;
+  r.y = t.valid ? static_cast<int>(t.column) : -1;
+  r.a = t.weight<typename Row<T>::A>(p);
+  r.tf = LogitTransform::from(p);
   return r;
-}
-
-template <typename A>
-CB_DEVICE A load_scale(const KernelArgs& p) {
-  return p.scale_is_double ? static_cast<A>(*static_cast<const double*>(p.scale))
-                           : static_cast<A>(*static_cast<const float*>(p.scale));
 }
 
 template <typename T>
@@ -203,9 +198,22 @@ CB_DEVICE uint4 load_chunk(const Row<T>& r, int c) {
   return *reinterpret_cast<const uint4*>(r.z + static_cast<int64_t>(c) * Storage<T>::kVec);
 }
 
+// Every logit read: chunk c's logits in the compute type, through the logit transform (cb_math.h).
 template <typename T>
-CB_DEVICE void store_chunk(const Row<T>& r, int c, int num_classes, const typename Storage<T>::Acc (&g)[Storage<T>::kVec]) {
+CB_DEVICE void load_logits(const Row<T>& r, int c, const uint4& raw, typename Storage<T>::Acc (&x)[Storage<T>::kVec]) {
   constexpr int V = Storage<T>::kVec;
+  Storage<T>::unpack(raw, x);
+#pragma unroll
+  for (int l = 0; l < V; ++l) x[l] = r.tf.logit(x[l], c * V + l - r.shift);
+}
+
+// Every gradient store: chunk c's dl/dz' through the logit transform's chain rule, rounded once to T.
+template <typename T>
+CB_DEVICE void store_chunk(const Row<T>& r, int c, int num_classes, const typename Storage<T>::Acc (&dz)[Storage<T>::kVec]) {
+  constexpr int V = Storage<T>::kVec;
+  typename Storage<T>::Acc g[V];
+#pragma unroll
+  for (int l = 0; l < V; ++l) g[l] = r.tf.grad(dz[l], c * V + l - r.shift);
   const int col0 = c * V - r.shift;
   if (r.g_aligned_like_z && col0 >= 0 && col0 + V <= num_classes) {
     *reinterpret_cast<uint4*>(r.g + col0) = Storage<T>::pack(g);
@@ -226,7 +234,7 @@ CB_DEVICE typename Storage<T>::Acc chunk_max(const Row<T>& r, int c, int num_cla
                                              typename Storage<T>::Acc m) {
   constexpr int V = Storage<T>::kVec;
   typename Storage<T>::Acc x[V];
-  Storage<T>::unpack(raw, x);
+  load_logits(r, c, raw, x);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -243,7 +251,7 @@ CB_DEVICE void chunk_stats(const Row<T>& r, int c, int num_classes, const uint4&
   using A = typename Storage<T>::Acc;
   constexpr int V = Storage<T>::kVec;
   A x[V];
-  Storage<T>::unpack(raw, x);
+  load_logits(r, c, raw, x);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -263,11 +271,11 @@ CB_DEVICE void chunk_stats(const Row<T>& r, int c, int num_classes, const uint4&
 template <typename T>
 CB_DEVICE void chunk_softmax_grad(const Row<T>& r, int c, int num_classes, const uint4& raw,
                                   const ShiftedExp<typename Storage<T>::Acc>& ex,
-                                  const SoftmaxRow<typename Storage<T>::Acc>& row) {
+                                  const SoftmaxRowOut<typename Storage<T>::Acc>& row) {
   using A = typename Storage<T>::Acc;
   constexpr int V = Storage<T>::kVec;
   A x[V], g[V];
-  Storage<T>::unpack(raw, x);
+  load_logits(r, c, raw, x);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -289,7 +297,7 @@ CB_DEVICE typename Storage<T>::Acc chunk_sigmoid(const Row<T>& r, int c, int num
   constexpr int V = Storage<T>::kVec;
   A x[V], g[V];
   A acc = A(0);
-  Storage<T>::unpack(raw, x);
+  load_logits(r, c, raw, x);
   if (r.valid) {
 #pragma unroll
     for (int l = 0; l < V; ++l) {
@@ -309,15 +317,15 @@ CB_DEVICE typename Storage<T>::Acc chunk_sigmoid(const Row<T>& r, int c, int num
   return acc;
 }
 
+// The row epilogue of cb_math.h from the row's statistics (m = finite_or_zero of its max).
 template <typename T>
-CB_DEVICE SoftmaxRow<typename Storage<T>::Acc> finish_softmax_row(const KernelArgs& p, const Row<T>& r,
-                                                                  const RowStats<typename Storage<T>::Acc>& st,
-                                                                  const ShiftedExp<typename Storage<T>::Acc>& ex,
-                                                                  typename Storage<T>::Acc m) {
+CB_DEVICE SoftmaxRowOut<typename Storage<T>::Acc> finish_softmax_row(const KernelArgs& p, const Row<T>& r,
+                                                                     const RowStats<typename Storage<T>::Acc>& st,
+                                                                     const ShiftedExp<typename Storage<T>::Acc>& ex,
+                                                                     typename Storage<T>::Acc m) {
   using A = typename Storage<T>::Acc;
-  return softmax_row<A>(m, ex.log_offset(m), st.s, ex(st.zy), st.dist, st.zy, r.a, load_scale<A>(p),
-                        static_cast<A>(p.num_classes), p.softmax_focal ? A(0) : static_cast<A>(p.label_smoothing),
-                        p.gamma, p.gamma_kind, p.softmax_focal);
+  const SoftmaxRowStats<A> stats{m, st.zy, ex(st.zy), st.s, st.dist, ex.log_offset(m)};
+  return SoftmaxEpilogue<ShiftedExp<A>::kShift, A>(p, p.gamma_kind, load_scale<A>(p))(stats, r.a);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -356,7 +364,7 @@ __global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const 
   __shared__ RowStats<A> scratch_stats[32];
   const RowGroup g = row_group(p);
   const Row<T> r = load_row<T>(p, g.row, g.in_range);
-  const int C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
 
   uint4 raw[kHeld];
 #pragma unroll
@@ -380,7 +388,7 @@ __global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const 
   }
   st.m = m;  // every part is relative to the row max already: StatsOp only adds
   st = group_allreduce(g, st, StatsOp{}, empty_stats<A>(), scratch_stats);
-  const SoftmaxRow<A> out = finish_softmax_row(p, r, st, ex, m);
+  const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
   if (!g.in_range) return;
   if (g.t == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
   if (p.has_grad) {
@@ -396,7 +404,7 @@ __global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const 
 template <typename T>
 CB_DEVICE void stream_softmax_grad(const RowGroup& g, const Row<T>& r, int num_classes, int c_lo, int c_hi,
                                    const ShiftedExp<typename Storage<T>::Acc>& ex,
-                                   const SoftmaxRow<typename Storage<T>::Acc>& out) {
+                                   const SoftmaxRowOut<typename Storage<T>::Acc>& out) {
   for (int base = c_lo; base < c_hi; base += g.tpr * kUnroll) {
     uint4 raw[kUnroll];
 #pragma unroll
@@ -417,11 +425,12 @@ CB_DEVICE void stream_softmax_grad(const RowGroup& g, const Row<T>& r, int num_c
 // and read the row again for the gradient, or leave the split's partial statistics in the workspace. Sigmoid
 // losses write the gradient as they go and the loss (or the split's partial loss) at the end.
 template <typename T, class Family>
-__global__ void __launch_bounds__(kStreamThreads) cb_loss_stream_kernel(const KernelArgs p) {
+__global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Storage<T>::Acc, Family::kSoftmax>)
+    cb_loss_stream_kernel(const KernelArgs p) {
   using A = typename Storage<T>::Acc;
   const RowGroup g = row_group(p);
   const Row<T> r = load_row<T>(p, g.row, g.in_range);
-  const int C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const int split = static_cast<int>(blockIdx.y);
   const int c_lo = split * p.chunks_per_split;
   const int c_hi = min(r.chunks, c_lo + p.chunks_per_split);
@@ -469,7 +478,7 @@ __global__ void __launch_bounds__(kStreamThreads) cb_loss_stream_kernel(const Ke
     }
     const A m = finite_or_zero(st.m);
     const ShiftedExp<A> ex(m);
-    const SoftmaxRow<A> out = finish_softmax_row(p, r, st, ex, m);
+    const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
     if (g.t == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
     if (p.has_grad) stream_softmax_grad(g, r, C, c_lo, c_hi, ex, out);
   } else {
@@ -521,11 +530,11 @@ __global__ void __launch_bounds__(kStreamThreads) cb_softmax_split_finish_kernel
   }
   const A m = finite_or_zero(st.m);
   const ShiftedExp<A> ex(m);
-  const SoftmaxRow<A> out = finish_softmax_row(p, r, st, ex, m);
+  const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
   if (split == 0 && threadIdx.x == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
   if (p.has_grad) {
     const int c_lo = split * p.chunks_per_split;
-    stream_softmax_grad(g, r, p.num_classes, c_lo, min(r.chunks, c_lo + p.chunks_per_split), ex, out);
+    stream_softmax_grad(g, r, static_cast<int>(p.num_classes), c_lo, min(r.chunks, c_lo + p.chunks_per_split), ex, out);
   }
 }
 
@@ -533,14 +542,12 @@ __global__ void __launch_bounds__(kStreamThreads) cb_softmax_split_finish_kernel
 template <typename A>
 __global__ void __launch_bounds__(32) cb_sigmoid_split_sum_kernel(const KernelArgs p) {
   const int64_t row = blockIdx.x;
-  const int64_t y = p.target_is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.target)[row])
-                                      : static_cast<const int64_t*>(p.target)[row];
-  const bool valid = y != p.ignore_index && y >= 0 && y < p.num_classes;  // the first launch asserted the rest
+  const IndexTarget t = index_target(p, row);  // the first launch asserted a bad one
   A acc = A(0);
   const A* ws = static_cast<const A*>(p.workspace) + row * p.splits;
   for (int k = static_cast<int>(threadIdx.x); k < p.splits; k += 32) acc += ws[k];
   acc = warp_allreduce(acc, SumOp{}, 32);
-  if (threadIdx.x == 0) static_cast<A*>(p.loss)[row] = valid ? static_cast<A>(p.weight[y]) * acc : A(0);
+  if (threadIdx.x == 0) static_cast<A*>(p.loss)[row] = t.valid ? t.weight<A>(p) * acc : A(0);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Device-only helpers of the CUDA kernels: storage types, the fast math policy that instantiates
-// cb_math.h's per-element templates in float, and the per-row softmax epilogue. Torch-free.
+// cb_math.h's per-element templates in float, and the exps of the softmax statistics. Torch-free.
 //
 // The hot loops call hardware approximations explicitly (ex2.approx, rcp via __fdividef, sqrt.approx),
 // so their cost and accuracy do not depend on whether the build passes --use_fast_math.
@@ -101,6 +101,7 @@ template <> struct ElemMath<double> { using type = ScalarMath<double>; };  // fl
 // log_offset takes out of log(sum). double: exp(x - m), exact to the last bit, no offset.
 template <typename A> struct ShiftedExp;
 template <> struct ShiftedExp<float> {
+  static constexpr ExpShift kShift = ExpShift::kPow2;
   float neg_k;
   static CB_DEVICE float shift(float m) { return rintf(m * kLog2e); }
   CB_DEVICE explicit ShiftedExp(float m) : neg_k(-shift(m)) {}
@@ -112,6 +113,7 @@ template <> struct ShiftedExp<float> {
   }
 };
 template <> struct ShiftedExp<double> {
+  static constexpr ExpShift kShift = ExpShift::kExact;
   double m;
   CB_DEVICE explicit ShiftedExp(double m_) : m(m_) {}
   CB_DEVICE double operator()(double x) const { return ::exp(x - m); }
@@ -203,41 +205,5 @@ template <> struct Storage<__half> {
   }
   static CB_DEVICE void store(__half* p, float v) { *p = __float2half_rn(v); }
 };
-
-// Per-row epilogue of the softmax losses (SPEC sections 3-4) from the row statistics relative to the row
-// max m (already passed through finite_or_zero): s_other = sum_{j != y} e_j, e_y, dist = sum_j (m - z_j)
-// and the target logit z_y; log_offset = ShiftedExp(m).log_offset(m). The gradient is g_j = k1 e_j - k0 for
-// j != y and g_y at the target.
-template <typename A> struct SoftmaxRow {
-  A loss;  // a_i l_i
-  A k1;
-  A k0;
-  A gy;
-};
-
-template <typename A>
-CB_DEVICE SoftmaxRow<A> softmax_row(A m, A log_offset, A s_other, A ey, A dist, A zy, A a, A scale, A num_classes,
-                                    A eps, double gamma, GammaKind gk, bool focal) {
-  const A sum = s_other + ey;
-  const A nll = softmax_nll((m - zy) + log_offset, ey, s_other);
-  A row_loss = nll, coef = A(1);
-  if (focal) {
-    A mod;
-    softmax_focal_row_exact_gamma(nll, gamma, gk, mod, coef);
-    row_loss = mod * nll;
-  } else if (eps != A(0)) {
-    // (eps/C) sum_j (lse - z_j) = eps (lse - mean_j z_j) = eps (L + mean_j (m - z_j) - (m - z_y)), with L the
-    // accurate nll: no log(sum) of the float exps, shifted by k ln 2 rather than m; exactly 0 for C = 1.
-    row_loss = (A(1) - eps) * nll + eps * (nll + dist / num_classes - (m - zy));
-  }
-  const A k = a * scale * coef;
-  SoftmaxRow<A> r;
-  r.loss = a * row_loss;
-  r.k1 = k / sum;
-  r.k0 = k * eps / num_classes;
-  // p_y - q_y = eps (1 - 1/C) - (1 - p_y), with 1 - p_y = s_other / sum formed without cancellation.
-  r.gy = k * (eps * (A(1) - A(1) / num_classes) - s_other / sum);
-  return r;
-}
 
 }  // namespace cbkernels::gpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -41,10 +42,25 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-         ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+# The ctypes mirror of CBLossCudaParams, field by field from its definition (csrc/cb_params.h, then the launch
+# fields of csrc/cuda/cb_loss_cuda.h) rather than a copy here; load() checks its size against the compiled struct.
+_CTYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "bool": ctypes.c_bool, "double": ctypes.c_double,
+           "Dtype": ctypes.c_int, "Path": ctypes.c_int}  # the enums are `enum class : int`
+_FIELD = re.compile(r"^\s*(?:const\s+)?(\w+)\s*(\*?)\s*(\w+);", re.MULTILINE)
+
+
+def _struct_fields(header: Path, head: str) -> list:
+    text = header.read_text()
+    body = text[text.index(head + " {") + len(head) + 2:]
+    body = re.sub(r"//[^\n]*", "", body[:body.index("\n};")])
+    return [(name, ctypes.c_void_p if star else _CTYPES[ctype]) for ctype, star, name in _FIELD.findall(body)]
+
+
+class Params(ctypes.Structure):
+    _fields_ = (_struct_fields(ROOT / "csrc" / "cb_params.h", "struct CBLossParams")
+                + _struct_fields(ROOT / "csrc" / "cuda" / "cb_loss_cuda.h", "struct CBLossCudaParams : CBLossParams"))
+
+
 _LIB = None
 
 
@@ -54,7 +70,7 @@ def load() -> ctypes.CDLL:
         return _LIB
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     inputs = sources + sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + sorted((ROOT / "csrc" / "cuda").glob("*.h"))
-    inputs += [ROOT / "csrc" / "cb_math.h", HERE / "cuda_emu.h", HERE / "cuda_emu.cpp"]
+    inputs += [ROOT / "csrc" / "cb_math.h", ROOT / "csrc" / "cb_params.h", HERE / "cuda_emu.h", HERE / "cuda_emu.cpp"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs)).hexdigest()[:16]
     out = ROOT / "build" / "cuda_emu" / f"libcbk_cuda_emu_{digest}.so"
     if not out.exists():
@@ -69,8 +85,12 @@ def load() -> ctypes.CDLL:
             raise RuntimeError(f"building the CUDA emulation failed:\n{proc.stderr[-6000:]}")
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
-    lib.cbk_emu_plan.argtypes = _ARGS + [ctypes.POINTER(ctypes.c_int64)]
-    lib.cbk_emu_launch.argtypes = _ARGS
+    lib.cbk_emu_params_size.restype = ctypes.c_size_t
+    if lib.cbk_emu_params_size() != ctypes.sizeof(Params):
+        raise RuntimeError(f"tests/cuda_emu: the ctypes mirror of CBLossCudaParams ({ctypes.sizeof(Params)} bytes) "
+                           f"does not match the compiled struct ({lib.cbk_emu_params_size()} bytes)")
+    lib.cbk_emu_plan.argtypes = [ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int64)]
+    lib.cbk_emu_launch.argtypes = [ctypes.POINTER(Params)]
     _LIB = lib
     return lib
 
@@ -79,23 +99,24 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _args(logits, grad, target, weight, scale, loss, loss_type, gamma, eps, ignore_index, num_sms, ws,
-          path, threads_per_row, splits):
+def _params(logits, *, num_sms, path, threads_per_row, splits, **fields) -> Params:
+    """The launch params for these logits (what set_params fills from tensors), the other fields by name."""
     n, c = logits.shape
-    return (_ptr(logits), logits.stride(0), _ptr(grad), grad.stride(0) if grad is not None else 0, _ptr(target),
-            int(target.dtype == torch.int32), _ptr(weight), _ptr(scale), int(scale.dtype == torch.float64),
-            _ptr(loss), n, c, loss_type, float(gamma), float(eps), ignore_index, DTYPES[logits.dtype], num_sms,
-            _ptr(ws), PATHS[path], threads_per_row, splits)
+    p = Params(logits=logits.data_ptr(), logits_row_stride=logits.stride(0) if logits.dim() == 2 else c,
+               num_rows=n, num_classes=c, dtype=DTYPES[logits.dtype], num_sms=num_sms, force_path=PATHS[path],
+               force_threads_per_row=threads_per_row, force_splits=splits)
+    for name, value in fields.items():
+        setattr(p, name, value)
+    return p
 
 
 def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits=0) -> Optional[dict]:
     """The launch plan (a dict) for these logits, or None when the forced plan is invalid."""
     lib = load()
     out = (ctypes.c_int64 * 7)()
-    n, c = logits.shape
-    args = (None, logits.stride(0) if logits.dim() == 2 else c, None, 0, None, 0, None, None, 0, None, n, c,
-            loss_type, 0.5, 0.0, -100, DTYPES[logits.dtype], num_sms, None, PATHS[path], threads_per_row, splits)
-    if lib.cbk_emu_plan(*args, out) != 0:
+    p = _params(logits, num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits,
+                loss_type=loss_type, gamma=0.5)
+    if lib.cbk_emu_plan(ctypes.byref(p), out) != 0:
         return None
     keys = ("path", "threads_per_row", "block_threads", "grid_rows", "splits", "chunks_per_split", "workspace")
     return dict(zip(keys, list(out)))
@@ -112,12 +133,17 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, sc
     loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
     if grad is None and compute_grad:
         grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype)
-    p = plan(logits, loss_type, num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits)
+    launch = dict(num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits)
+    p = plan(logits, loss_type, **launch)
     if p is None:
         raise ValueError("invalid forced plan")
     ws = torch.empty(p["workspace"], dtype=torch.uint8) if p["workspace"] else None
-    rc = lib.cbk_emu_launch(*_args(logits, grad, target, weight, scale, loss, loss_type, gamma, label_smoothing,
-                                   ignore_index, num_sms, ws, path, threads_per_row, splits))
+    params = _params(logits, **launch, grad=_ptr(grad), grad_row_stride=grad.stride(0) if grad is not None else 0,
+                     target=target.data_ptr(), target_is_int32=target.dtype == torch.int32, weight=weight.data_ptr(),
+                     scale=scale.data_ptr(), scale_is_double=scale.dtype == torch.float64, loss=loss.data_ptr(),
+                     workspace=_ptr(ws), loss_type=loss_type, gamma=float(gamma),
+                     label_smoothing=float(label_smoothing), ignore_index=ignore_index)
+    rc = lib.cbk_emu_launch(ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"cb_loss_cuda_launch returned CUDA error {rc}")
     return loss, grad, p

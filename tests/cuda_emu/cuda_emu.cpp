@@ -204,64 +204,24 @@ void run_grid(dim3 grid, dim3 block, void (*body)(const void*), const void* ctx)
 
 extern "C" cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
 
-namespace {
+using cbkernels::gpu::CBLossCudaParams;
 
-cbkernels::gpu::CBLossCudaParams make_params(const void* logits, int64_t logits_stride, void* grad, int64_t grad_stride,
-                                             const void* target, int target_i32, const float* weight,
-                                             const void* scale, int scale_f64, void* loss, int64_t n, int64_t c,
-                                             int loss_type, double gamma, double eps, int64_t ignore_index, int dtype,
-                                             int num_sms, void* workspace, int force_path, int force_tpr,
-                                             int force_splits) {
-  cbkernels::gpu::CBLossCudaParams p{};
-  p.logits = logits;
-  p.logits_row_stride = logits_stride;
-  p.grad = grad;
-  p.grad_row_stride = grad_stride;
-  p.target = target;
-  p.target_is_int32 = target_i32 != 0;
-  p.weight = weight;
-  p.scale = scale;
-  p.scale_is_double = scale_f64 != 0;
-  p.loss = loss;
-  p.num_rows = n;
-  p.num_classes = c;
-  p.loss_type = loss_type;
-  p.gamma = gamma;
-  p.label_smoothing = eps;
-  p.ignore_index = ignore_index;
-  p.dtype = static_cast<cbkernels::gpu::Dtype>(dtype);
-  p.num_sms = num_sms;
-  p.workspace = workspace;
-  p.force_path = static_cast<cbkernels::gpu::Path>(force_path);
-  p.force_threads_per_row = force_tpr;
-  p.force_splits = force_splits;
-  return p;
-}
-
-}  // namespace
-
-#define CBK_EMU_ARGS                                                                                             \
-  const void *logits, int64_t logits_stride, void *grad, int64_t grad_stride, const void *target, int target_i32, \
-      const float *weight, const void *scale, int scale_f64, void *loss, int64_t n, int64_t c, int loss_type,      \
-      double gamma, double eps, int64_t ignore_index, int dtype, int num_sms, void *workspace, int force_path,      \
-      int force_tpr, int force_splits
-#define CBK_EMU_PARAMS                                                                                              \
-  make_params(logits, logits_stride, grad, grad_stride, target, target_i32, weight, scale, scale_f64, loss, n, c, \
-              loss_type, gamma, eps, ignore_index, dtype, num_sms, workspace, force_path, force_tpr, force_splits)
+// The params struct is filled from Python through a ctypes mirror of its fields, read from the C++ headers
+// (tests/cuda_emu/__init__.py); its size here checks that mirror.
+extern "C" size_t cbk_emu_params_size() { return sizeof(CBLossCudaParams); }
 
 // plan_out: path, threads_per_row, block_threads, grid_rows, splits, chunks_per_split, workspace bytes.
-extern "C" int cbk_emu_plan(CBK_EMU_ARGS, int64_t* plan_out) {
-  const cbkernels::gpu::CBLossCudaParams p = CBK_EMU_PARAMS;
+extern "C" int cbk_emu_plan(const CBLossCudaParams* p, int64_t* plan_out) {
   cbkernels::gpu::CBLossCudaPlan plan;
-  const cudaError_t err = cbkernels::gpu::cb_loss_cuda_plan(p, &plan);
+  const cudaError_t err = cbkernels::gpu::cb_loss_cuda_plan(*p, &plan);
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t out[7] = {static_cast<int64_t>(plan.path), plan.threads_per_row, plan.block_threads, plan.grid_rows,
                           plan.splits, plan.chunks_per_split,
-                          static_cast<int64_t>(cbkernels::gpu::cb_loss_cuda_workspace_bytes(p))};
+                          static_cast<int64_t>(cbkernels::gpu::cb_loss_cuda_workspace_bytes(*p))};
   std::copy(out, out + 7, plan_out);
   return 0;
 }
 
-extern "C" int cbk_emu_launch(CBK_EMU_ARGS) {
-  return static_cast<int>(cbkernels::gpu::cb_loss_cuda_launch(CBK_EMU_PARAMS, nullptr));
+extern "C" int cbk_emu_launch(const CBLossCudaParams* p) {
+  return static_cast<int>(cbkernels::gpu::cb_loss_cuda_launch(*p, nullptr));
 }
