@@ -102,7 +102,11 @@ def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[in
     None stands for 16-byte accesses; ``one_vs_all``: the launched loss is sigmoid or focal)."""
     block = max(16, _next_pow2(c))
     if block <= min(SMALL_C_MAX, TILE_ELEMS[itemsize]):
-        rows = max(1, min(ONE_VS_ALL_MAX_ROWS if one_vs_all else MAX_ROWS, TILE_ELEMS[itemsize] // block))
+        # Narrow accesses (odd C: an address per element) take half the tile: the softmax rows with their exactly
+        # rounded per-row divisions spilled 8-88 B at 16 warps on sm_80/sm_90 (tools/gpu_build_check.py).
+        narrow = align is not None and align * itemsize < 16
+        tile = TILE_ELEMS[itemsize] // (2 if narrow and not one_vs_all else 1)
+        rows = max(1, min(ONE_VS_ALL_MAX_ROWS if one_vs_all else MAX_ROWS, tile // block))
         return Plan(rows, block, _warps(rows * block), True)
     if block <= single_tile_max(itemsize, align, one_vs_all):
         return Plan(1, block, _warps(block), True)
