@@ -1,7 +1,7 @@
 """The one autograd path shared by every backend (SPEC section 7).
 
-Forward runs the backend once, which returns the per-row loss and, when the logits need it, the
-gradient already multiplied by the reduction's normaliser. Backward only scales that stored gradient
+Forward runs the backend's op once, which returns the loss (reduced, or per row for ``"none"``) and, when the
+logits need it, the gradient already multiplied by the reduction's normaliser. Backward only scales that stored gradient
 by ``grad_output``: in place and handed over to autograd when nothing can read it again (no retain_graph, or
 ``inplace_backward``), out of place otherwise.
 """
@@ -15,42 +15,37 @@ import torch
 from torch import Tensor
 
 from ._backends import get_backend, gpu_too_old
-from ._opdefs import LossSpec, loss_dtype
-from ._torch_stages import reduction_scale, refuse_double_backward
+from ._opdefs import LossSpec
+from ._torch_stages import refuse_double_backward
 
 
 class CBLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, spec: LossSpec,
                 inplace_backward: bool) -> Tensor:
+        # One op call: it checks the targets, normalises, reduces and computes the gradient (_opdefs).
         loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
-        num_classes = logits.shape[-1]
-        z = logits.reshape(-1, num_classes)
+        z = logits.reshape(-1, logits.shape[-1])
         t = target.reshape(-1)
-        scale = reduction_scale(t, weight, spec, loss_dtype(logits.dtype))
         want_grad = ctx.needs_input_grad[0]
         if want_grad and inplace_backward:
-            rows = loss_fwd_inplace(z, t, weight, scale, spec)
+            loss = loss_fwd_inplace(z, t, weight, None, spec)
             grad = z.detach()  # when reshape had to copy, the gradient lives in that copy and the logits stay intact
         else:
-            rows, grad = loss_fwd(z, t, weight, scale, spec, want_grad)
-        reduction = spec.reduction
+            loss, grad = loss_fwd(z, t, weight, None, spec, want_grad)
         ctx.lead_shape = lead_shape
-        ctx.reduction = reduction
+        ctx.per_row = spec.reduction == "none"
         ctx.inplace_backward = bool(inplace_backward and want_grad)
         if want_grad:
             ctx.save_for_backward(grad)
-        if reduction == "none":
-            return rows.reshape(lead_shape)
-        total = rows.sum()
-        return total if reduction == "sum" else total * scale
+        return loss.reshape(lead_shape) if ctx.per_row else loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
         grad_output = grad_output.detach()
-        go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.reduction == "none" else grad_output
+        go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.per_row else grad_output
         if ctx.inplace_backward or _saved_tensors_die_after_this_node(grad):
             # Nobody can read the saved gradient again (backward without retain_graph frees it once this node
             # returns; with inplace_backward it is the logits buffer): scale it where it is and hand it over.

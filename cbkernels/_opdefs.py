@@ -3,15 +3,19 @@
 A leaf module (it imports only torch). Every backend computes the same op over 2-D logits ``[N, C]``, with one
 argument list: the tensors, then the op fields of ``LossSpec`` in declaration order, then ``compute_grad``::
 
-    cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor scale, int loss_type, float gamma,
-                        float label_smoothing, int ignore_index, bool compute_grad) -> (Tensor, Tensor)
-    cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor scale, int loss_type,
-                                float gamma, float label_smoothing, int ignore_index) -> Tensor
+    cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, float gamma,
+                        float label_smoothing, int ignore_index, str reduction, bool compute_grad) -> (Tensor, Tensor)
+    cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, int loss_type,
+                                float gamma, float label_smoothing, int ignore_index, str reduction) -> Tensor
 
-The forward op returns the per-row loss ``[N]`` (float32; float64 for float64 logits; SPEC section 3, 0 for ignored
-rows) and ``scale * dl/dz`` ``[N, C]`` in the logits' dtype (SPEC section 4; ``[0]`` without ``compute_grad``); the
-in-place op writes that gradient over the logits. ``scale`` is a 0-d tensor on the logits' device carrying the
-reduction's normaliser.
+One op call is the whole forward of a loss (SPEC sections 2-5): it checks the targets (a value outside ``[0, C)``
+that is not ``ignore_index`` raises ``IndexError`` on the CPU, fails a device-side assert on a GPU), computes the
+reduction's normaliser ``s`` (SPEC section 5: ``1 / max(1, #valid rows)`` for ``"mean"``, ``1 / sum_i a_i`` (0 when
+that is 0) for ``"weighted_mean"``, 1 for ``"sum"`` and ``"none"``; a given ``scale``, a 0-d tensor on the logits'
+device, replaces it), the per-row losses ``l_i`` (float32; float64 for float64 logits; SPEC section 3, 0 for ignored
+rows) and ``s * dl/dz`` ``[N, C]`` in the logits' dtype (SPEC section 4; ``[0]`` without ``compute_grad``). It
+returns ``[l_i]`` for ``"none"``, else the 0-d ``s * sum_i l_i``, summed in a fixed order (equal inputs, equal
+bits). The in-place op writes the gradient over the logits.
 
 Suffixes: ``""`` for the compiled ops (kernels for CPU and CUDA in ``cbkernels._C``, which registers kernels only),
 ``"_torch"`` and ``"_triton"`` for the Python backends, which register theirs with ``register_kernels``.
@@ -39,7 +43,7 @@ class LossSpec(NamedTuple):
     gamma: float = 0.0  # focal exponent (focal losses only)
     label_smoothing: float = 0.0  # eps (softmax only)
     ignore_index: int = -100
-    reduction: str = "mean"  # host only: folded into ``scale`` by the autograd layer
+    reduction: str = "none"  # one of REDUCTIONS; "none" returns the per-row losses
 
     def op_args(self) -> tuple:
         """The op fields' values, in schema order."""
@@ -51,22 +55,25 @@ class LossSpec(NamedTuple):
         return cls(*args)
 
 
-HOST_FIELDS = ("reduction",)  # read on the host by the autograd layer, never passed to a kernel
+HOST_FIELDS = ()  # fields read on the host only, never passed to a kernel (none today)
+REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
 OP_FIELDS = LossSpec._fields[: len(LossSpec._fields) - len(HOST_FIELDS)]
 _NUM_OP_FIELDS = len(OP_FIELDS)
 if set(LossSpec._fields[_NUM_OP_FIELDS:]) != set(HOST_FIELDS):
     raise TypeError("LossSpec: the host-only fields must come after the op fields")
-_SCHEMA_TYPE = {int: "int", float: "float", bool: "bool"}  # keyed by the annotations' classes: no __future__ import
-# The spec's part of every op schema: "int loss_type, float gamma, float label_smoothing, int ignore_index".
+# Keyed by the annotations' classes (so: no __future__ import here).
+_SCHEMA_TYPE = {int: "int", float: "float", bool: "bool", str: "str"}
+# The spec's part of every op schema: "int loss_type, float gamma, float label_smoothing, int ignore_index,
+# str reduction".
 SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPE[LossSpec.__annotations__[name]]} {name}" for name in OP_FIELDS)
 
 
 def schemas(suffix: str) -> Tuple[str, str]:
     """The forward and in-place forward schemas of the ops ``cb_loss_fwd<suffix>``, ``cb_loss_fwd_inplace<suffix>``."""
     return (
-        f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor scale, {SPEC_SCHEMA}, "
+        f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}, "
         "bool compute_grad) -> (Tensor, Tensor)",
-        f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor scale, {SPEC_SCHEMA}) "
+        f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}) "
         "-> Tensor",
     )
 
@@ -76,16 +83,24 @@ def loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def fake_forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, *options) -> Tuple[Tensor, Tensor]:
+def loss_shape(logits: Tensor, reduction: str) -> tuple:
+    """The op's loss: ``[N]`` per row for ``"none"``, 0-d otherwise."""
+    return tuple(logits.shape[:1]) if reduction == "none" else ()
+
+
+_REDUCTION_FIELD = OP_FIELDS.index("reduction")
+
+
+def fake_forward(logits: Tensor, target: Tensor, weight: Tensor, scale, *options) -> Tuple[Tensor, Tensor]:
     """The fake kernel of every forward op (torch.compile, opcheck); ``options``: the op fields, ``compute_grad``."""
-    loss = logits.new_empty(logits.shape[:1], dtype=loss_dtype(logits.dtype))
+    loss = logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
     grad = logits.new_empty(logits.shape if options[-1] else (0,))
     return loss, grad
 
 
-def fake_forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, *options) -> Tensor:
-    """The fake kernel of every in-place forward op: the per-row loss (the gradient replaces the logits)."""
-    return logits.new_empty(logits.shape[:1], dtype=loss_dtype(logits.dtype))
+def fake_forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale, *options) -> Tensor:
+    """The fake kernel of every in-place forward op: the loss (the gradient replaces the logits)."""
+    return logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
 
 
 LIB = torch.library.Library("cbkernels", "FRAGMENT")

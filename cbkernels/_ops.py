@@ -7,7 +7,7 @@ of ``_backends`` and serve both backends; ``forward`` / ``forward_inplace`` take
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,12 +37,13 @@ def forward_inplace(logits: Tensor, *args) -> Tensor:
     return rows
 
 
-def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: _opdefs.LossSpec,
+def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: _opdefs.LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """Per-row loss ``[N]`` and ``scale * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``); see ``_backends``."""
+    """The loss (``[N]`` or 0-d, see ``_opdefs``) and ``s * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``)."""
     return _fwd(logits, target, weight, scale, *spec.op_args(), compute_grad)
 
 
-def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: _opdefs.LossSpec) -> Tensor:
-    """Per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor],
+                     spec: _opdefs.LossSpec) -> Tensor:
+    """The loss (``[N]`` or 0-d); ``s * dl/dz`` is written over ``logits``."""
     return forward_inplace(logits, target, weight, scale, *spec.op_args())

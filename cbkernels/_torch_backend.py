@@ -17,7 +17,15 @@ from torch import Tensor
 
 from . import _opdefs
 from ._opdefs import SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
-from ._torch_stages import focal_terms, row_weights, softmax_grad_, softmax_row_stage
+from ._torch_stages import (
+    check_targets,
+    focal_terms,
+    reduce_rows,
+    reduction_scale,
+    row_weights,
+    softmax_grad_,
+    softmax_row_stage,
+)
 
 # Elements per chunk: at most CHUNK_ELEMENTS (4 MB of float32) and at most a quarter of the logits, so that the
 # chunk's float32 temporaries (up to six [rows, C] buffers for the focal loss) stay well below the gradient's size;
@@ -117,15 +125,23 @@ def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: Lo
     return loss
 
 
-def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+def _prologue(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+    """The op's target check and normaliser (a given ``scale`` replaces the reduction's)."""
+    check_targets(target, logits.shape[1], spec.ignore_index)
+    return reduction_scale(target, weight, spec, loss_dtype(logits.dtype)) if scale is None else scale
+
+
+def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    s = _prologue(logits, target, weight, scale, spec)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    loss = _run(logits, target, weight, scale, spec, grad if compute_grad else None)
-    return loss, grad
+    loss = _run(logits, target, weight, s, spec, grad if compute_grad else None)
+    return reduce_rows(loss, s, spec), grad
 
 
-def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
-    return _run(logits, target, weight, scale, spec, logits)  # the in-place copies bump the logits' version
+def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+    s = _prologue(logits, target, weight, scale, spec)
+    return reduce_rows(_run(logits, target, weight, s, spec, logits), s, spec)  # the in-place copies bump the version
 
 
 # The ops, so that torch.compile sees one opaque node as for the compiled backends; called with their flat arguments
@@ -135,7 +151,7 @@ forward = torch.ops.cbkernels.cb_loss_fwd_torch.default
 forward_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace_torch.default
 
 
-def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile; in eager mode the function itself, which
     skips the op dispatch and the spec's flattening."""
@@ -144,7 +160,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec
     return _forward(logits, target, weight, scale, spec, compute_grad)
 
 
-def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
     """In-place forward; eager calls bump the logits' version counter through the in-place copies they make."""
     if torch.compiler.is_compiling():
         return forward_inplace(logits, target, weight, scale, *spec.op_args())

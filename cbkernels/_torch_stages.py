@@ -27,6 +27,25 @@ def refuse_double_backward(grad: Tensor) -> Tensor:
     return torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD, 1)(grad.detach().requires_grad_())
 
 
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target in ``[0, C)`` or ``ignore_index``: the CPU raises ``IndexError`` naming the first bad value; on an
+    accelerator (and inside a compiled graph) a device-side assert, no host sync."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            value = int(target[bad][0])
+            raise IndexError(f"target holds {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+    else:
+        torch._assert_async(~bad.any(), "cbkernels: target outside [0, C) and not ignore_index")
+
+
+def reduce_rows(rows: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
+    """The op's loss from the per-row losses: ``rows`` for ``"none"``, else ``scale * sum_i rows_i`` (0-d)."""
+    if spec.reduction == "none":
+        return rows
+    return rows.sum() * scale.to(rows.dtype)
+
+
 def reduction_scale(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch.dtype) -> Tensor:
     """0-d normaliser of ``spec.reduction`` (SPEC section 5), kept on the device (no host sync)."""
     valid = target != spec.ignore_index

@@ -239,22 +239,47 @@ def _unit_col_stride(t: Tensor) -> bool:
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
-def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+def _prologue(z: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+    """The normaliser the loss kernel reads, after the target check (a device assert; under the interpreter the first
+    bad row is read back, free on the CPU, and raises as the CPU backend does)."""
+    from . import _triton_reduce
+
+    s, bad = _triton_reduce.reduction_scale(target, weight, z.shape[1], spec.ignore_index, spec.reduction,
+                                            loss_dtype(z.dtype), scale)
+    if bad is not None and z.device.type == "cpu":
+        row = int(bad[0])
+        if row < z.shape[0]:
+            raise IndexError(f"target holds {int(target[row])}, outside [0, {z.shape[1]}) and not "
+                             f"ignore_index={spec.ignore_index}")
+    return s
+
+
+def _epilogue(rows: Tensor, s: Tensor, spec: LossSpec) -> Tensor:
+    if spec.reduction == "none":
+        return rows
+    from . import _triton_reduce
+
+    return _triton_reduce.reduce_rows(rows, s)
+
+
+def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
     # The kernels take any row stride but unit column stride (coalesced, vectorised loads): copy otherwise.
     z = logits if _unit_col_stride(logits) else logits.contiguous()
     grad = torch.empty(z.shape if compute_grad else (0,), dtype=z.dtype, device=z.device)
-    loss = _launch(z, target, weight, scale, spec, grad if compute_grad else None)
-    return loss, grad
+    s = _prologue(z, target, weight, scale, spec)
+    loss = _launch(z, target, weight, s, spec, grad if compute_grad else None)
+    return _epilogue(loss, s, spec), grad
 
 
-def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
+def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+    s = _prologue(logits, target, weight, scale, spec)
     if _unit_col_stride(logits):
-        return _launch(logits, target, weight, scale, spec, logits)
+        return _epilogue(_launch(logits, target, weight, s, spec, logits), s, spec)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    loss = _launch(logits.contiguous(), target, weight, scale, spec, grad)
+    loss = _launch(logits.contiguous(), target, weight, s, spec, grad)
     logits.copy_(grad)
-    return loss
+    return _epilogue(loss, s, spec)
 
 
 # CPU tensors: the kernels under the Triton interpreter (_launch refuses them otherwise).
@@ -263,7 +288,7 @@ forward = torch.ops.cbkernels.cb_loss_fwd_triton.default
 forward_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace_triton.default
 
 
-def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile, the function itself in eager mode."""
     if torch.compiler.is_compiling():
@@ -271,7 +296,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec
     return _forward(logits, target, weight, scale, spec, compute_grad)
 
 
-def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
     """In-place forward: the op under torch.compile (which tracks the mutation); in eager mode the function itself,
     then the logits' version counter bumped as an in-place op would (the kernel writes them behind autograd)."""
     if torch.compiler.is_compiling():

@@ -36,6 +36,7 @@ from . import _validation as V
 from ._backends import get_backend, resolve_backend
 from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
 from ._torch_stages import (
+    check_targets,
     focal_terms,
     reduction_scale,
     refuse_double_backward,
@@ -130,10 +131,12 @@ def _check_target(target, hidden: Tensor, num_classes: int, ignore_index: int) -
                          f"got {tuple(target.shape)}")
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    # The shared check wants logits: a zero-byte stand-in of shape [..., V] gives it the dtype and
-    # class-range checks (a host check on CPU, a device-side assert elsewhere) without the logits.
+    # The shared check wants logits: a zero-byte stand-in of shape [..., V] gives it the dtype checks without the
+    # logits; the class range is checked here once (a host check on CPU, a device-side assert elsewhere), as the
+    # chunks take a precomputed scale.
     stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], num_classes)
-    V.check_logits_target(stand_in, target, ignore_index)
+    V.check_logits_target(stand_in, target)
+    check_targets(target, num_classes, ignore_index)
 
 
 def _class_len(samples_per_class, weight) -> int:
@@ -376,6 +379,7 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     spec = cfg.spec
     if shard is None:
         fwd, fwd_inplace = get_backend(cfg.backend).functions()
+        chunk_spec = spec._replace(reduction="none")  # per-row losses, the gradient scaled by the whole call's scale
     else:
         valid, _, a_all = row_weights(target, weight, spec, acc)
         t_local = target.long() - shard.start
@@ -399,11 +403,11 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
                 if part is not None:
                     partial[r0:r1] = part
             elif want_grad:
-                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, spec)
+                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, chunk_spec)
                 if row_scale is not None:
                     z.mul_(row_scale[r0:r1].unsqueeze(1))  # computed at row_scale's precision, rounded once
             else:
-                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, spec, False)[0]
+                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, chunk_spec, False)[0]
             if want_h:
                 if gh.dtype == dtype:
                     torch.mm(z, w_proj, out=gh[r0:r1])

@@ -46,7 +46,7 @@ def class_balanced_loss(
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                        reduction=reduction)
     V.check_backend(backend)
-    V.check_logits_target(logits, target, spec.ignore_index)
+    V.check_logits_target(logits, target)
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)

@@ -111,6 +111,16 @@ inline Dtype to_dtype(const OpArgs& args, at::ScalarType t) {
   }
 }
 
+// The reduction argument's code (cb_params.h's Reduction; the strings of cbkernels/_opdefs.py's REDUCTIONS).
+inline int reduction_code(const OpArgs& args) {
+  const std::string& r = args["reduction"].toStringRef();
+  if (r == "none") return kNone;
+  if (r == "mean") return kMean;
+  if (r == "sum") return kSum;
+  if (r == "weighted_mean") return kWeightedMean;
+  TORCH_CHECK(false, args.op_name(), ": reduction must be one of none, mean, sum, weighted_mean, got '", r, "'");
+}
+
 // The op's input contract, for the kernel of `device`. The public API validates first (cbkernels/_validation.py):
 // these checks guard direct calls of the ops and everything the kernels rely on.
 inline void check_inputs(const OpArgs& args, c10::DeviceType device) {
@@ -118,7 +128,6 @@ inline void check_inputs(const OpArgs& args, c10::DeviceType device) {
   const at::Tensor& logits = args.tensor("logits");
   const at::Tensor& target = args.tensor("target");
   const at::Tensor& weight = args.tensor("weight");
-  const at::Tensor& scale = args.tensor("scale");
   TORCH_CHECK(logits.device().type() == device, op, " (", device, " kernel): logits must be on ", device, ", got ",
               logits.device());
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C], got ", logits.sizes());
@@ -131,14 +140,19 @@ inline void check_inputs(const OpArgs& args, c10::DeviceType device) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == logits.size(1) && weight.scalar_type() == at::kFloat, op,
               ": weight must be float32 [C] = [", logits.size(1), "], got ", weight.scalar_type(), " ",
               weight.sizes());
-  TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble), op,
-              ": scale must be a float32 (or float64) scalar tensor, got ", scale.scalar_type(), " ", scale.sizes());
   // The kernel reads the scale where it runs: on a GPU, no host sync.
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"target", target}, {"weight", weight},
-                                {"scale", scale}}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"target", target}, {"weight", weight}}) {
     TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(),
                 " like the logits, got ", t.device());
   }
+  if (!args["scale"].isNone()) {
+    const at::Tensor& scale = args.tensor("scale");
+    TORCH_CHECK(scale.numel() == 1 && (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble), op,
+                ": scale must be a float32 (or float64) scalar tensor, got ", scale.scalar_type(), " ", scale.sizes());
+    TORCH_CHECK(scale.device() == logits.device(), op, ": scale must be on ", logits.device(),
+                " like the logits, got ", scale.device());
+  }
+  (void)reduction_code(args);
   const int64_t loss_type = args.to_int("loss_type");
   TORCH_CHECK(loss_type >= kSoftmax && loss_type <= kSoftmaxFocal, op, ": unknown loss_type ", loss_type);
   // The kernels' exp/log1p approximations rely on these ranges (SPEC section 4: gamma >= 0).
@@ -155,28 +169,43 @@ inline bool rows_ok(const at::Tensor& z) { return z.size(1) <= 1 || z.stride(1) 
 struct HeldTensors {
   at::Tensor target;
   at::Tensor weight;
+  at::Tensor scale;  // the normaliser the launch computes (compute_scale), 0-d in the loss' dtype
 };
 
-// Fills the params of one call: z holds the logits' rows (the op's logits or a contiguous copy), loss [N] and
-// grad (nullptr: no gradient; may be z itself) are the outputs, everything else comes from the op's arguments.
+// Fills the params of one call: z holds the logits' rows (the op's logits or a contiguous copy), loss [N], grad
+// (nullptr: no gradient; may be z itself) and reduced (nullptr for reduction "none") are the outputs, everything
+// else comes from the op's arguments. Without a given scale, the normaliser of the reduction goes to a 0-d tensor
+// held here that the launch fills (for "none" and "sum" it is 1: no tensor, no work).
 inline void set_params(CBLossParams& p, HeldTensors& held, const OpArgs& args, const at::Tensor& z,
-                       const at::Tensor& loss, const at::Tensor* grad) {
+                       const at::Tensor& loss, const at::Tensor* grad, const at::Tensor* reduced) {
   held.target = args.tensor("target").contiguous();
   held.weight = args.tensor("weight").contiguous();
-  const at::Tensor& scale = args.tensor("scale");
+  p.reduction = reduction_code(args);
+  p.compute_scale = args["scale"].isNone() && (p.reduction == kMean || p.reduction == kWeightedMean);
+  if (!args["scale"].isNone()) {
+    const at::Tensor& scale = args.tensor("scale");
+    p.scale = const_cast<void*>(scale.const_data_ptr());  // read only (compute_scale is false)
+    p.scale_is_double = scale.scalar_type() == at::kDouble;
+  } else if (p.compute_scale) {
+    held.scale = at::empty({}, loss.options());
+    p.scale = held.scale.data_ptr();
+    p.scale_is_double = loss.scalar_type() == at::kDouble;
+  } else {
+    p.scale = nullptr;  // s = 1
+    p.scale_is_double = false;
+  }
+  p.reduced = reduced != nullptr ? reduced->data_ptr() : nullptr;
   p.logits = z.const_data_ptr();
   p.logits_row_stride = z.stride(0);
   p.grad = grad != nullptr ? grad->data_ptr() : nullptr;
   p.grad_row_stride = grad != nullptr ? grad->stride(0) : 0;
   p.target = held.target.const_data_ptr();
   p.weight = held.weight.const_data_ptr<float>();
-  p.scale = scale.const_data_ptr();
   p.loss = loss.data_ptr();
   p.num_rows = z.size(0);
   p.num_classes = z.size(1);
   p.dtype = to_dtype(args, z.scalar_type());
   p.target_is_int32 = held.target.scalar_type() == at::kInt;
-  p.scale_is_double = scale.scalar_type() == at::kDouble;
   p.loss_type = static_cast<int>(args.to_int("loss_type"));
   p.gamma = args.to_double("gamma");
   p.label_smoothing = args.to_double("label_smoothing");
@@ -187,31 +216,44 @@ inline at::ScalarType loss_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The two ops around a device's launch(args, z, loss, grad) (which calls set_params), after check_inputs.
-// cb_loss_fwd -> (loss [N], scale * dl/dz [N, C] contiguous in the logits' dtype, or [0] without compute_grad).
+// The two ops around a device's launch(args, z, loss, grad, reduced) (which calls set_params), after check_inputs.
+// cb_loss_fwd -> (loss: [N] for reduction "none", else 0-d; scale * dl/dz [N, C] contiguous in the logits' dtype,
+// or [0] without compute_grad).
 template <class Launch>
 void cb_loss_fwd_outputs(OpArgs& args, const Launch& launch) {
   const bool compute_grad = args.to_bool("compute_grad");
+  const bool reduce = reduction_code(args) != kNone;
   const at::Tensor& logits = args.tensor("logits");
   const at::Tensor z = rows_ok(logits) ? logits : logits.contiguous();
   at::Tensor loss = at::empty({z.size(0)}, z.options().dtype(loss_dtype(z)));
+  at::Tensor reduced = reduce ? at::empty({}, loss.options()) : at::Tensor();
   at::Tensor grad = compute_grad ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
-  if (z.size(0) > 0) launch(args, z, loss, compute_grad ? &grad : nullptr);
-  args.set_results(std::move(loss), std::move(grad));
+  if (z.size(0) > 0) {
+    launch(args, z, loss, compute_grad ? &grad : nullptr, reduce ? &reduced : nullptr);
+  } else if (reduce) {
+    reduced.zero_();  // no rows: every reduction of nothing is 0
+  }
+  args.set_results(reduce ? std::move(reduced) : std::move(loss), std::move(grad));
 }
 
-// cb_loss_fwd_inplace -> loss [N], with scale * dl/dz written over the logits.
+// cb_loss_fwd_inplace -> loss ([N] or 0-d, as cb_loss_fwd), with scale * dl/dz written over the logits.
 template <class Launch>
 void cb_loss_fwd_inplace_outputs(OpArgs& args, const Launch& launch) {
+  const bool reduce = reduction_code(args) != kNone;
   const at::Tensor& logits = args.tensor("logits");
   at::assert_no_internal_overlap(logits);  // rows written by different threads must not share memory
   // Column-strided logits: compute in a contiguous copy, then write the gradient back.
   const bool direct = rows_ok(logits);
   const at::Tensor z = direct ? logits : logits.contiguous();
   at::Tensor loss = at::empty({z.size(0)}, z.options().dtype(loss_dtype(z)));
-  if (z.size(0) > 0) launch(args, z, loss, &z);
+  at::Tensor reduced = reduce ? at::empty({}, loss.options()) : at::Tensor();
+  if (z.size(0) > 0) {
+    launch(args, z, loss, &z, reduce ? &reduced : nullptr);
+  } else if (reduce) {
+    reduced.zero_();
+  }
   if (!direct) logits.copy_(z);
-  args.set_results(std::move(loss));
+  args.set_results(reduce ? std::move(reduced) : std::move(loss));
 }
 
 }  // namespace cbkernels

@@ -20,6 +20,9 @@ namespace cbkernels {
 
 enum LossType : int { kSoftmax = 0, kSigmoid = 1, kFocal = 2, kSoftmaxFocal = 3 };
 
+// The op's reduction (SPEC section 5), by its index in cbkernels/_opdefs.py's REDUCTIONS.
+enum Reduction : int { kNone = 0, kMean = 1, kSum = 2, kWeightedMean = 3 };
+
 // Storage type of the logits and the gradient.
 enum class Dtype : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
 
@@ -32,8 +35,11 @@ struct CBLossParams {
   int64_t grad_row_stride;
   const void* target;         // [num_rows] class indices, int64 (int32 when target_is_int32)
   const float* weight;        // [num_classes] class weights
-  const void* scale;          // 0-d gradient scale, float (double when scale_is_double), on the logits' device
+  // 0-d normaliser s of the gradient and of the reduced loss, float (double when scale_is_double), on the logits'
+  // device; nullptr stands for 1. When compute_scale the launch writes it first (s of `reduction`), then reads it.
+  void* scale;
   void* loss;                 // [num_rows] per-row loss, float (double for double logits); 0 for ignored rows
+  void* reduced;              // 0-d s * sum_i loss_i in the loss' type, summed in a fixed order; nullptr: not wanted
   int64_t num_rows;
   int64_t num_classes;        // >= 1
   Dtype dtype;
@@ -44,11 +50,22 @@ struct CBLossParams {
   double gamma;               // focal exponent, >= 0
   double label_smoothing;     // in [0, 1], softmax cross-entropy only
   int64_t ignore_index;
+  int reduction;              // Reduction
+  bool compute_scale;
 };
+
+// The reduction's normaliser from the valid-row count and sum_i a_i (SPEC section 5).
+template <typename A>
+CB_HOST_DEVICE A reduction_scale(int reduction, int64_t valid_rows, A weight_sum) {
+  if (reduction == kMean) return A(1) / static_cast<A>(valid_rows > 0 ? valid_rows : 1);
+  if (reduction == kWeightedMean) return weight_sum > A(0) ? A(1) / weight_sum : A(0);
+  return A(1);
+}
 
 // The gradient scale in the compute type A (read where the kernel runs: no host sync on CUDA).
 template <typename A>
 CB_HOST_DEVICE A load_scale(const CBLossParams& p) {
+  if (p.scale == nullptr) return A(1);
   return p.scale_is_double ? static_cast<A>(*static_cast<const double*>(p.scale))
                            : static_cast<A>(*static_cast<const float*>(p.scale));
 }

@@ -36,7 +36,7 @@ def _op_args(n, c, dtype, loss_type, *, gamma=0.5, eps=0.0, seed=0, target_dtype
     logits, target, counts = make_inputs(n, c, dtype=dtype, seed=seed, target_dtype=target_dtype)
     weight = cb.class_balanced_weights(counts, beta=0.99)
     scale = torch.tensor(1.0 / max(n, 1), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return logits, target, weight, scale, LOSS_IDS[loss_type], gamma, eps, -100
+    return logits, target, weight, scale, LOSS_IDS[loss_type], gamma, eps, -100, "none"
 
 
 def _loss_kw(loss_type, gamma=0.5):

@@ -58,7 +58,7 @@ def _scale(dtype, value=0.7):
 
 
 def _reference(logits, target, weight, scale, lt, gamma, eps):
-    return torch_forward(logits.double().contiguous(), target, weight, scale.double(), lt, gamma, eps, -100, True)
+    return torch_forward(logits.double().contiguous(), target, weight, scale.double(), lt, gamma, eps, -100, "none", True)
 
 
 def _check(loss, grad, ref_loss, ref_grad, dtype, what=""):
@@ -301,6 +301,67 @@ def test_bad_target_fails_the_device_assert():
         z = torch.zeros(4, 10)
         t = torch.tensor([1, 2, 10, 3])
         cuda_emu.forward(z, t, torch.ones(10), torch.tensor(1.0), 0)
+        print("no assert")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no assert" not in proc.stdout
+    assert "target outside [0, C)" in proc.stderr
+
+
+def _normaliser(target, weight, reduction):
+    """SPEC section 5 in float64, written from the formulas."""
+    valid = target != -100
+    if reduction == "mean":
+        return 1.0 / max(1, int(valid.sum()))
+    if reduction == "weighted_mean":
+        total = weight.double()[target[valid].long()].sum().item()
+        return 1.0 / total if total > 0 else 0.0
+    return 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "weighted_mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss_type", [SOFTMAX, FOCAL])
+def test_reduced_launch(reduction, dtype, loss_type):
+    # The launch's own normaliser (before the loss kernels) and reduced loss (after them): rows on every path, more
+    # rows than one block's threads (the strided loops), int32 targets, a whole batch ignored.
+    for n, c, path, ignore_every in ((700, 37, "auto", 4), (1100, 5, "auto", 3), (3, 1025, "stream", 2),
+                                     (5, 11, "auto", 1)):
+        logits, target, weight = _inputs(n, c, dtype, seed=n + c, ignore_every=ignore_every,
+                                         target_dtype=torch.int32 if n == 1100 else torch.int64)
+        if ignore_every == 1:
+            target[:] = -100  # no valid row: mean divides by max(1, 0), weighted_mean's sum is 0 (s = 0)
+        s = _normaliser(target, weight, reduction)
+        ref_rows, ref_grad = _reference(logits, target.long(), weight, torch.tensor(s, dtype=torch.float64),
+                                        loss_type, 0.5, 0.0)
+        loss, grad, plan = cuda_emu.forward(logits, target, weight, None, loss_type, 0.5, path=path,
+                                            reduction=reduction, splits=2 if path == "stream" else 0,
+                                            threads_per_row=64 if path == "stream" else 0)
+        assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        if reduction != "sum":
+            # The normaliser as the CPU backend rounds it: exact for the count, one rounding of the weight sum.
+            tol = 1e-15 if dtype == torch.float64 else 2.0**-23
+            assert abs(plan["scale"].item() - s) <= tol * abs(s), (plan["scale"].item(), s)
+        expected = s * ref_rows.sum().item()
+        rtol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert abs(loss.item() - expected) <= rtol * max(abs(expected), 1e-6), (loss.item(), expected)
+        _check(ref_rows.new_zeros(1), grad, ref_rows.new_zeros(1), ref_grad, dtype, f"{n}x{c} {reduction}")
+        # Equal inputs, equal bits (fixed-order sums).
+        again = cuda_emu.forward(logits, target, weight, None, loss_type, 0.5, path=path, reduction=reduction,
+                                 splits=2 if path == "stream" else 0, threads_per_row=64 if path == "stream" else 0)
+        assert torch.equal(again[0], loss) and torch.equal(again[1], grad)
+
+
+def test_bad_target_fails_the_device_assert_with_a_reduction():
+    # With reduction="mean" the first launch is the normaliser's, which reads every target: a negative one fails
+    # its assert (the same check the loss kernels run before they read w[y]).
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import cuda_emu
+        z = torch.zeros(4, 10)
+        t = torch.tensor([1, 2, -3, 3])
+        cuda_emu.forward(z, t, torch.ones(10), None, 0, reduction="mean")
         print("no assert")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -309,9 +309,10 @@ def test_custom_ops():
     w = cb.class_balanced_weights(counts)
     scale = torch.tensor(0.5)
     for lt in range(4):
-        torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_triton, (z, target, w, scale, lt, 0.5, 0.0, -100, True))
+        torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_triton,
+                              (z, target, w, scale, lt, 0.5, 0.0, -100, "none", True))
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace_triton,
-                              (z.clone(), target, w, scale, lt, 0.5, 0.0, -100))
+                              (z.clone(), target, w, scale, lt, 0.5, 0.0, -100, "none"))
 
 
 @cpu

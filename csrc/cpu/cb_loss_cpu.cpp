@@ -30,11 +30,50 @@ RowsFn rows_fn() {
   return fn;
 }
 
-// Fills loss [N] and, when grad is given, grad (which may be z itself).
-void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad) {
+[[noreturn]] void bad_target(const CBLossParams& p, int64_t row) {
+  // The words of the API edge's message before this check moved into the op (cbkernels/_validation.py).
+  TORCH_CHECK_INDEX(false, "target holds ", index_target(p, row).column, ", outside [0, ", p.num_classes,
+                    ") and not ignore_index=", p.ignore_index);
+}
+
+// Before any row is computed: every target checked (the first bad one raises), and the reduction's normaliser
+// from the valid-row count and sum_i a_i (summed in double, in row order) when the launch computes it.
+template <typename A>
+void check_targets_and_scale(const CBLossParams& p) {
+  int64_t valid_rows = 0;
+  double weight_sum = 0.0;
+  for (int64_t row = 0; row < p.num_rows; ++row) {
+    const IndexTarget t = index_target(p, row);
+    if (t.bad(p)) bad_target(p, row);
+    valid_rows += t.valid;
+    if (t.valid) weight_sum += static_cast<double>(p.weight[t.column]);
+  }
+  if (p.compute_scale) {
+    *static_cast<A*>(p.scale) = reduction_scale<A>(p.reduction, valid_rows, static_cast<A>(weight_sum));
+  }
+}
+
+// reduced = s * sum_i loss_i: summed in double in row order (the same bits for every thread count), rounded once.
+template <typename A>
+void reduce_rows(const CBLossParams& p) {
+  const A* loss = static_cast<const A*>(p.loss);
+  double total = 0.0;
+  for (int64_t row = 0; row < p.num_rows; ++row) total += static_cast<double>(loss[row]);
+  *static_cast<A*>(p.reduced) = static_cast<A>(total * static_cast<double>(load_scale<A>(p)));
+}
+
+// Fills loss [N], reduced (when given) and, when grad is given, grad (which may be z itself).
+void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad,
+            const at::Tensor* reduced) {
   CBLossParams p{};
   HeldTensors held;
-  set_params(p, held, args, z, loss, grad);
+  set_params(p, held, args, z, loss, grad, reduced);
+  const bool loss_is_double = p.dtype == Dtype::kDouble;
+  if (loss_is_double) {
+    check_targets_and_scale<double>(p);
+  } else {
+    check_targets_and_scale<float>(p);
+  }
   const RowsFn fn = rows_fn();
   // Rows per task: at least ATen's grain of 32768 elements, so a small problem stays on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 32768 / p.num_classes);
@@ -46,9 +85,13 @@ void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, con
     }
   });
   const int64_t bad = first_bad.load();
-  if (bad >= 0) {
-    TORCH_CHECK_INDEX(false, args.op_name(), ": target holds ", index_target(p, bad).column, ", outside [0, ",
-                      p.num_classes, ") and not ignore_index=", p.ignore_index);
+  if (bad >= 0) bad_target(p, bad);  // not reached: the targets were checked first
+  if (p.reduced != nullptr) {
+    if (loss_is_double) {
+      reduce_rows<double>(p);
+    } else {
+      reduce_rows<float>(p);
+    }
   }
 }
 

@@ -42,13 +42,14 @@ void check_cuda_inputs(const OpArgs& args) {
 
 // Fills loss [N] and, when grad is given, grad (which may be z itself). Caller holds the device guard. Forced
 // launch shapes come from the testing op's arguments (path, threads_per_row, splits) when it has them.
-void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad, bool forced) {
+void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad,
+            const at::Tensor* reduced, bool forced) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(z.const_data_ptr()) % z.element_size() == 0 &&
                   (grad == nullptr || reinterpret_cast<uintptr_t>(grad->const_data_ptr()) % z.element_size() == 0),
               args.op_name(), ": logits and gradient must be aligned to their element size");
   CBLossCudaParams p{};
   HeldTensors held;
-  set_params(p, held, args, z, loss, grad);
+  set_params(p, held, args, z, loss, grad, reduced);
   p.num_sms = sm_count(z.get_device());
   if (forced) {
     p.force_path = static_cast<Path>(args.to_int("path"));
@@ -67,8 +68,9 @@ void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, con
               z.scalar_type(), ": ", cudaGetErrorString(err));
 }
 
-void launch_auto(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad) {
-  launch(args, z, loss, grad, false);
+void launch_auto(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad,
+                 const at::Tensor* reduced) {
+  launch(args, z, loss, grad, reduced, false);
 }
 
 void cb_loss_fwd_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
@@ -95,9 +97,8 @@ void cb_loss_fwd_cuda_forced_plan(const c10::OperatorHandle& op, torch::jit::Sta
   const int64_t path = args.to_int("path");
   TORCH_CHECK(path >= 0 && path <= 2, args.op_name(), ": path must be 0 (auto), 1 (rows) or 2 (stream)");
   const c10::cuda::CUDAGuard guard(args.tensor("logits").device());
-  cb_loss_fwd_outputs(args, [](const OpArgs& a, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad) {
-    launch(a, z, loss, grad, true);
-  });
+  cb_loss_fwd_outputs(args, [](const OpArgs& a, const at::Tensor& z, const at::Tensor& loss, const at::Tensor* grad,
+                                const at::Tensor* reduced) { launch(a, z, loss, grad, reduced, true); });
 }
 
 }  // namespace
@@ -106,9 +107,9 @@ void cb_loss_fwd_cuda_forced_plan(const c10::OperatorHandle& op, torch::jit::Sta
 // auto, 1 rows, 2 stream; 0 = automatic for threads_per_row and splits).
 TORCH_LIBRARY_FRAGMENT(cbkernels, m) {
   m.def(
-      "_cb_loss_fwd_cuda_forced_plan(Tensor logits, Tensor target, Tensor weight, Tensor scale, int loss_type, "
-      "float gamma, float label_smoothing, int ignore_index, bool compute_grad, int path, int threads_per_row, "
-      "int splits) -> (Tensor, Tensor)");
+      "_cb_loss_fwd_cuda_forced_plan(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, "
+      "float gamma, float label_smoothing, int ignore_index, str reduction, bool compute_grad, int path, "
+      "int threads_per_row, int splits) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) {

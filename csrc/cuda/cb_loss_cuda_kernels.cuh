@@ -551,6 +551,41 @@ __global__ void __launch_bounds__(32) cb_sigmoid_split_sum_kernel(const KernelAr
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Around the loss kernels: one block before them computes the reduction's normaliser, one after them the reduced
+// loss, so that a call's forward is at most three launches and needs no host synchronisation.
+
+constexpr int kReduceThreads = 512;
+
+// s of the reduction (cb_params.h's reduction_scale) from every row's target: a bad target fails the assert here,
+// before any loss kernel reads w[y] or z[y]. Fixed-order sums: equal targets, equal bits.
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads) cb_reduction_scale_kernel(const KernelArgs p) {
+  __shared__ long long count_scratch[32];
+  __shared__ A sum_scratch[32];
+  long long valid_rows = 0;
+  A weight_sum = A(0);
+  for (int64_t row = threadIdx.x; row < p.num_rows; row += blockDim.x) {
+    const IndexTarget t = row_target(p, row, true);
+    valid_rows += t.valid;
+    weight_sum += t.weight<A>(p);
+  }
+  valid_rows = block_allreduce(valid_rows, SumOp{}, 0ll, count_scratch);
+  weight_sum = block_allreduce(weight_sum, SumOp{}, A(0), sum_scratch);
+  if (threadIdx.x == 0) *static_cast<A*>(p.scale) = reduction_scale<A>(p.reduction, valid_rows, weight_sum);
+}
+
+// reduced = s * sum_i loss_i: each thread sums a strided set of rows in order, then a fixed tree.
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads) cb_reduce_rows_kernel(const KernelArgs p) {
+  __shared__ A scratch[32];
+  const A* loss = static_cast<const A*>(p.loss);
+  A total = A(0);
+  for (int64_t row = threadIdx.x; row < p.num_rows; row += blockDim.x) total += loss[row];
+  total = block_allreduce(total, SumOp{}, A(0), scratch);
+  if (threadIdx.x == 0) *static_cast<A*>(p.reduced) = total * load_scale<A>(p);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Launch of one storage type; cb_loss_cuda.cu has chosen the plan.
 
 template <typename T, class Family>
@@ -575,7 +610,7 @@ cudaError_t launch_family(const KernelArgs& args, const CBLossCudaPlan& plan, cu
 }
 
 template <typename T>
-cudaError_t launch_typed(const KernelArgs& args, const CBLossCudaPlan& plan, int loss_type, cudaStream_t stream) {
+cudaError_t launch_loss(const KernelArgs& args, const CBLossCudaPlan& plan, int loss_type, cudaStream_t stream) {
   if (loss_type == kSoftmax || loss_type == kSoftmaxFocal) return launch_family<T, SoftmaxFamily>(args, plan, stream);
   // A focal loss with gamma 0 is sigmoid cross-entropy (gamma_kind is kZero then).
   switch (loss_type == kSigmoid ? GammaKind::kZero : args.gamma_kind) {
@@ -585,6 +620,20 @@ cudaError_t launch_typed(const KernelArgs& args, const CBLossCudaPlan& plan, int
     case GammaKind::kTwo: return launch_family<T, SigmoidFamily<GammaKind::kTwo>>(args, plan, stream);
     default: return launch_family<T, SigmoidFamily<GammaKind::kGeneral>>(args, plan, stream);
   }
+}
+
+template <typename T>
+cudaError_t launch_typed(const KernelArgs& args, const CBLossCudaPlan& plan, int loss_type, cudaStream_t stream) {
+  using A = typename Storage<T>::Acc;
+  if (args.compute_scale) {
+    CB_LAUNCH_KERNEL(1, kReduceThreads, stream, args, cb_reduction_scale_kernel<A>);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const cudaError_t err = launch_loss<T>(args, plan, loss_type, stream);
+  if (err != cudaSuccess || args.reduced == nullptr) return err;
+  CB_LAUNCH_KERNEL(1, kReduceThreads, stream, args, cb_reduce_rows_kernel<A>);
+  return cudaGetLastError();
 }
 
 }  // namespace cbkernels::gpu

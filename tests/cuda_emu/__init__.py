@@ -122,15 +122,25 @@ def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits
     return dict(zip(keys, list(out)))
 
 
-def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, loss_type: int,
-            gamma: float = 0.0, label_smoothing: float = 0.0, ignore_index: int = -100, *,
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
+            loss_type: int, gamma: float = 0.0, label_smoothing: float = 0.0, ignore_index: int = -100, *,
             grad: Optional[torch.Tensor] = None, compute_grad: bool = True, num_sms: int = 4, path: str = "auto",
-            threads_per_row: int = 0, splits: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
-    """Per-row loss and ``scale * dl/dz`` from the emulated kernels; ``grad`` may be the logits (in place) or any
-    buffer of the logits' shape. Outputs start as NaN, so an element the kernels leave unwritten shows."""
+            threads_per_row: int = 0, splits: int = 0,
+            reduction: str = "none") -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+    """The loss and ``s * dl/dz`` from the emulated kernels, as the binding launches them: the loss is per row for
+    ``reduction="none"``, else the 0-d ``s * sum_i l_i``; without ``scale`` the launch computes ``s`` of the
+    reduction (its value is returned in the plan dict as ``"scale"``). ``grad`` may be the logits (in place) or
+    any buffer of the logits' shape. Outputs start as NaN, so an element the kernels leave unwritten shows."""
     lib = load()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
+    reduced = torch.full((), float("nan"), dtype=acc) if reduction != "none" else None
+    compute_scale = scale is None and reduction in ("mean", "weighted_mean")
+    if compute_scale:
+        scale = torch.full((), float("nan"), dtype=acc)
     if grad is None and compute_grad:
         grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype)
     launch = dict(num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits)
@@ -140,10 +150,13 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, sc
     ws = torch.empty(p["workspace"], dtype=torch.uint8) if p["workspace"] else None
     params = _params(logits, **launch, grad=_ptr(grad), grad_row_stride=grad.stride(0) if grad is not None else 0,
                      target=target.data_ptr(), target_is_int32=target.dtype == torch.int32, weight=weight.data_ptr(),
-                     scale=scale.data_ptr(), scale_is_double=scale.dtype == torch.float64, loss=loss.data_ptr(),
-                     workspace=_ptr(ws), loss_type=loss_type, gamma=float(gamma),
-                     label_smoothing=float(label_smoothing), ignore_index=ignore_index)
+                     scale=_ptr(scale), scale_is_double=scale is not None and scale.dtype == torch.float64,
+                     loss=loss.data_ptr(), reduced=_ptr(reduced), workspace=_ptr(ws), loss_type=loss_type,
+                     gamma=float(gamma), label_smoothing=float(label_smoothing), ignore_index=ignore_index,
+                     reduction=REDUCTIONS[reduction], compute_scale=compute_scale)
     rc = lib.cbk_emu_launch(ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"cb_loss_cuda_launch returned CUDA error {rc}")
-    return loss, grad, p
+    if compute_scale:
+        p = dict(p, scale=scale)
+    return (loss if reduced is None else reduced), grad, p

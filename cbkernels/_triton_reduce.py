@@ -1,0 +1,122 @@
+"""The two small Triton kernels around the loss kernel: the reduction's normaliser before it, the reduced loss after.
+
+A forward call of the Triton backend is at most three launches and no host synchronisation (SPEC section 5):
+
+1. ``reduction_scale_kernel`` (without a given scale): one program reads every target, fails a device-side assert
+   on one outside ``[0, C)`` that is not ``ignore_index`` (the kernel is built with ``debug=True`` for that assert
+   only; the loss kernel does not check), and writes ``s`` to a 0-d tensor the loss kernel reads: ``1 / max(1,
+   #valid)`` for ``"mean"``, ``1 / sum_i a_i`` (0 when that is 0) for ``"weighted_mean"``, 1 otherwise. It also
+   writes the first bad row (``n_rows`` when none), which the host reads where that is free: under the interpreter
+   (CPU tensors), where it raises the CPU's ``IndexError``.
+2. the loss kernel (``_triton_kernels``), reading ``s`` on the device.
+3. ``reduce_rows_kernel`` (scalar reductions): ``s * sum_i l_i``, one program, a fixed summation order (equal inputs,
+   equal bits; no atomics).
+
+Imported with the Triton backend; the kernels are compiled ahead of time by tools/gpu_build_check.py like the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 1024
+NUM_WARPS = 4
+NONE, MEAN, WEIGHTED_MEAN = 0, 1, 3  # REDUCTION values (cb_params.h's Reduction; "sum" launches as NONE: s = 1)
+
+
+@triton.jit(debug=True)  # debug keeps the device_assert (Triton drops it otherwise); nothing else here depends on it
+def reduction_scale_kernel(target_ptr, weight_ptr, scale_ptr, bad_ptr, n_rows, n_cols, ignore_index,
+                           REDUCTION: tl.constexpr, BLOCK: tl.constexpr):
+    cdt = scale_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.int32)
+    wsum = tl.zeros([BLOCK], cdt)
+    first_bad = tl.full([BLOCK], n_rows, tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + offs
+        in_range = rows < n_rows
+        y = tl.load(target_ptr + rows, mask=in_range, other=ignore_index).to(tl.int64)
+        valid = in_range & (y >= 0) & (y < n_cols) & (y != ignore_index)
+        bad = in_range & (y != ignore_index) & ~valid
+        tl.device_assert(bad == 0, "cbkernels: target outside [0, C) and not ignore_index")
+        first_bad = tl.minimum(first_bad, tl.where(bad, rows, n_rows))
+        count += valid.to(tl.int32)
+        if REDUCTION == 3:
+            wsum += tl.load(weight_ptr + tl.where(valid, y, 0), mask=valid, other=0.0).to(cdt)
+    if REDUCTION == 3:
+        total = tl.sum(wsum, axis=0)
+        s = tl.where(total > 0, 1.0 / total, 0.0).to(cdt)
+    elif REDUCTION == 1:
+        s = (1.0 / tl.maximum(tl.sum(count, axis=0), 1).to(cdt)).to(cdt)
+    else:
+        s = tl.full((), 1.0, cdt)
+    tl.store(scale_ptr, s)
+    tl.store(bad_ptr, tl.min(first_bad, axis=0))
+
+
+@triton.jit
+def reduce_rows_kernel(loss_ptr, scale_ptr, out_ptr, n_rows, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], out_ptr.dtype.element_ty)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + offs
+        acc += tl.load(loss_ptr + rows, mask=rows < n_rows, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * tl.load(scale_ptr))
+
+
+_REDUCTION_CODE = {"mean": MEAN, "weighted_mean": WEIGHTED_MEAN}
+
+
+def _guard(t: Tensor):
+    return contextlib.nullcontext() if t.device.type == "cpu" else torch.cuda.device(t.device)
+
+
+def reduction_scale(target: Tensor, weight: Tensor, num_classes: int, ignore_index: int, reduction: str,
+                    cdtype: torch.dtype, scale: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(s, first_bad)``: the normaliser the loss kernel reads and the 1-element tensor of the first bad row
+    (``n_rows`` for none), from one launch; a given ``scale`` (its caller checked the targets) is only converted to
+    ``cdtype``, with ``first_bad`` None."""
+    if scale is not None:
+        return scale.to(cdtype), None
+    from ._triton import compile_options
+
+    s = torch.empty((), dtype=cdtype, device=target.device)
+    bad = torch.empty(1, dtype=torch.int32, device=target.device)
+    with _guard(target):
+        reduction_scale_kernel[(1,)](target, weight, s, bad, target.shape[0], num_classes, ignore_index,
+                                     REDUCTION=_REDUCTION_CODE.get(reduction, NONE), BLOCK=BLOCK,
+                                     **compile_options(NUM_WARPS))
+    return s, bad
+
+
+def reduce_rows(rows: Tensor, s: Tensor) -> Tensor:
+    """``s * sum_i rows_i`` as a 0-d tensor of ``rows``' dtype, in one launch."""
+    from ._triton import compile_options
+
+    out = torch.empty((), dtype=rows.dtype, device=rows.device)
+    with _guard(rows):
+        reduce_rows_kernel[(1,)](rows, s, out, rows.shape[0], BLOCK=BLOCK, **compile_options(NUM_WARPS))
+    return out
+
+
+def launch_variants() -> Iterator[dict]:
+    """Every (constexprs, num_warps) these kernels launch with, for the ahead-of-time build check; each carries its
+    signature (what the JIT specialises: allocator tensors are 16-byte aligned)."""
+    for cdt in ("fp32", "fp64"):
+        for target in ("i64", "i32"):
+            for reduction in (NONE, MEAN, WEIGHTED_MEAN):
+                yield dict(kernel="reduction_scale_kernel", module=__name__, dtype=cdt, num_warps=NUM_WARPS,
+                           options=dict(debug=True), constexprs=dict(REDUCTION=reduction, BLOCK=BLOCK),
+                           signature={"target_ptr": f"*{target}", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
+                                      "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"},
+                           divisible=["target_ptr", "weight_ptr", "scale_ptr", "bad_ptr"])
+        yield dict(kernel="reduce_rows_kernel", module=__name__, dtype=cdt, num_warps=NUM_WARPS,
+                   constexprs=dict(BLOCK=BLOCK),
+                   signature={"loss_ptr": f"*{cdt}", "scale_ptr": f"*{cdt}", "out_ptr": f"*{cdt}", "n_rows": "i32"},
+                   divisible=["loss_ptr", "scale_ptr", "out_ptr"])
