@@ -49,7 +49,17 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+_EXT_HAS: Dict[str, bool] = {}  # dispatch key -> whether cbkernels._C registered kernels for it (fixed per process)
+
+
 def _compiled_ext_has(dispatch_key: str) -> bool:
+    has = _EXT_HAS.get(dispatch_key)
+    if has is None:
+        has = _EXT_HAS[dispatch_key] = _load_compiled_ext(dispatch_key)
+    return has
+
+
+def _load_compiled_ext(dispatch_key: str) -> bool:
     if importlib.util.find_spec("cbkernels._C") is None:
         return False
     try:
@@ -71,9 +81,18 @@ def triton_interpret() -> bool:
 
 
 def _triton_available() -> bool:
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("cbkernels._triton") is None:
-        return False
-    return triton_interpret() or torch.cuda.is_available()
+    return _triton_installed() and (triton_interpret() or torch.cuda.is_available())
+
+
+_INSTALLED: Dict[str, bool] = {}
+
+
+def _triton_installed() -> bool:
+    has = _INSTALLED.get("triton")
+    if has is None:
+        has = _INSTALLED["triton"] = (importlib.util.find_spec("triton") is not None
+                                      and importlib.util.find_spec("cbkernels._triton") is not None)
+    return has
 
 
 # Also run once at trace time (find_spec is not traceable either).

@@ -105,7 +105,7 @@ def class_weights(
             raise ValueError(f"weight is on {weight.device} but logits are on {device}")
         return weight.detach().float()
     if samples_per_class is None:
-        return torch.ones(num_classes, dtype=torch.float32, device=device)
+        return _unit_weights(num_classes, device)
     if torch.compiler.is_compiling():
         return _traceable_weights(samples_per_class, beta, num_classes, device)
     key, owner = _counts_key(samples_per_class)
@@ -131,6 +131,22 @@ def class_weights(
 # inside CUDA-graph capture) on every call. Values are never handed to the user (only to the kernels, which read them).
 _WEIGHT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _WEIGHT_CACHE_SIZE = 16
+
+
+def _unit_weights(num_classes: int, device: torch.device) -> Tensor:
+    """``w = 1`` (no counts, no weight: the plain loss), made once per (C, device) rather than on every call."""
+    if torch.compiler.is_compiling():
+        return torch.ones(num_classes, dtype=torch.float32, device=device)
+    key = ("ones", num_classes, device)
+    w = _WEIGHT_CACHE.get(key)
+    if w is None:
+        w = torch.ones(num_classes, dtype=torch.float32, device=device)
+        _WEIGHT_CACHE[key] = (None, w)
+        while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:
+            _WEIGHT_CACHE.popitem(last=False)
+        return w
+    _WEIGHT_CACHE.move_to_end(key)
+    return w[1]
 
 
 def _counts_key(samples_per_class) -> tuple:

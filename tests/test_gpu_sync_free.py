@@ -72,3 +72,22 @@ def test_backward_scale_on_the_device(backend, reduction, upstream):
         torch.full_like(loss, upstream))
     # Against the torch backend (itself checked against the float64 oracle): SPEC 6's float32 gradient tolerance.
     torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=2e-6 * ref.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "sum", "none"])
+def test_cifar_call_is_few_ops_and_no_host_read(backend, reduction):
+    # Issue 15 on the device: the forward dispatches at most 3 compute ops (the cuda backend: its one op; Triton:
+    # no ATen compute op around its launches) and reads nothing back; backward at most 1 op.
+    from test_call_overhead import Recorder
+
+    z, target, counts = _inputs(128, 100, torch.float32)
+    w = cb.class_balanced_weights(counts).cuda()
+    cb.cb_softmax_cross_entropy(z, target, weight=w, reduction=reduction, backend=backend)  # warm-up (compiles)
+    with Recorder() as fwd:
+        loss = cb.cb_softmax_cross_entropy(z, target, weight=w, reduction=reduction, backend=backend)
+    go = torch.ones_like(loss)
+    with Recorder() as bwd:
+        loss.backward(go)
+    assert len(fwd.compute_ops()) <= 3 and not fwd.host_reads("cuda"), fwd.ops
+    assert len(bwd.compute_ops()) <= 1 and not bwd.host_reads("cuda"), bwd.ops
