@@ -53,7 +53,7 @@ def reduction_scale(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch
         return 1.0 / valid.sum().clamp(min=1).to(dtype)
     if spec.reduction == "weighted_mean":
         a = torch.where(valid, weight[torch.where(valid, target, torch.zeros_like(target)).long()], 0.0)
-        total = a.to(dtype).sum()
+        total = a.double().sum().to(dtype)  # summed in float64, rounded once (as the CPU kernels do)
         return torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
     return torch.ones((), dtype=dtype, device=target.device)
 

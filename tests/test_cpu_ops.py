@@ -90,6 +90,53 @@ def test_inplace_matches_out_of_place_bitwise(dtype, loss_type):
             assert (buf[:, :5] == 7).all() and (buf[:, 135:] == 7).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "weighted_mean"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_reduced_op_is_the_normalised_sum_of_rows(reduction, loss_type, backend):
+    # The op's scalar reductions: s from the targets (SPEC section 5), loss = s * sum_i l_i, gradient = s * dl/dz.
+    fwd = _ops().forward if backend == "cpu" else torch.ops.cbkernels.cb_loss_fwd_torch.default
+    fwd_ip = _ops().forward_inplace if backend == "cpu" else torch.ops.cbkernels.cb_loss_fwd_inplace_torch.default
+    for dtype in (torch.float32, torch.float64):
+        logits, target, weight, _, lt, gamma, eps, ii, _ = _op_args(57, 23, dtype, loss_type)
+        cdtype = dtype
+        valid = target != ii
+        if reduction == "mean":
+            s = 1.0 / valid.sum().clamp(min=1).to(cdtype)
+        elif reduction == "weighted_mean":
+            s = 1.0 / weight.double()[target[valid]].sum().to(cdtype)
+        else:
+            s = torch.ones((), dtype=cdtype)
+        rows, grad_rows = fwd(logits, target, weight, s, lt, gamma, eps, ii, "none", True)
+        loss, grad = fwd(logits, target, weight, None, lt, gamma, eps, ii, reduction, True)
+        assert loss.shape == () and loss.dtype == cdtype
+        torch.testing.assert_close(grad, grad_rows, rtol=0, atol=0)  # the same s, the same bits
+        expected = rows.double().sum() * s.double()
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(loss.double(), expected, rtol=tol, atol=0)
+        buf = logits.clone()
+        loss_ip = fwd_ip(buf, target, weight, None, lt, gamma, eps, ii, reduction)
+        assert torch.equal(loss_ip, loss) and torch.equal(buf, grad)
+        for s_given in (torch.tensor(0.25, dtype=cdtype),):  # a given scale replaces the reduction's
+            loss_s, grad_s = fwd(logits, target, weight, s_given, lt, gamma, eps, ii, reduction, True)
+            torch.testing.assert_close(grad_s, grad_rows * (s_given / s), rtol=4 * torch.finfo(dtype).eps, atol=0)
+            torch.testing.assert_close(loss_s.double(), rows.double().sum() * 0.25, rtol=tol, atol=0)
+        # No rows: every reduction of nothing is 0.
+        empty = fwd(logits[:0], target[:0], weight, None, lt, gamma, eps, ii, reduction, True)[0]
+        assert empty.shape == () and empty.item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "weighted_mean"])
+def test_opcheck_reduced(reduction):
+    for loss_type in LOSS_TYPES:
+        logits, target, weight, scale, *rest, _ = _op_args(9, 37, torch.float32, loss_type)
+        for s in (None, scale):
+            torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd.default,
+                                  (logits, target, weight, s, *rest, reduction, True))
+            torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace.default,
+                                  (logits.clone(), target, weight, s, *rest, reduction))
+
+
 def test_out_of_range_target_raises_index_error():
     ops = _ops()
     logits, target, weight, scale, *rest = _op_args(8, 5, torch.float32, "focal")

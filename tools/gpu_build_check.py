@@ -46,7 +46,7 @@ def triton_variants(quick: bool) -> list:
     from cbkernels._triton import launch_variants
 
     variants = list(launch_variants())
-    scale = list(_grad_scale_variants())  # few and small: always all of them
+    scale = list(_grad_scale_variants()) + list(_reduce_variants())  # few and small: always all of them
     if not quick:
         return variants + scale
     heavy = {(3, 4, False), (2, 4, False), (0, 0, True)}
@@ -82,6 +82,12 @@ def triton_variants(quick: bool) -> list:
 
 def _grad_scale_variants():
     from cbkernels._grad_scale import launch_variants
+
+    return launch_variants()
+
+
+def _reduce_variants():
+    from cbkernels._triton_reduce import launch_variants
 
     return launch_variants()
 
@@ -147,14 +153,17 @@ def _compile(kernel, variant: dict, arch: int):
     from triton.compiler import ASTSource
 
     consts = variant["constexprs"]
-    sig, divisible = _signature(variant["kernel"], variant["dtype"], variant.get("align", consts.get("ALIGN")))
+    if "signature" in variant:  # variants that state their own (cbkernels._triton_reduce)
+        sig, divisible = dict(variant["signature"]), list(variant["divisible"])
+    else:
+        sig, divisible = _signature(variant["kernel"], variant["dtype"], variant.get("align", consts.get("ALIGN")))
     sig.update({k: "constexpr" for k in consts})
     names = list(kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     from cbkernels import _triton
 
     # The same options as the dispatcher's launches (FP fusion pinned there, not left to the environment).
-    options = _triton.compile_options(variant["num_warps"])
+    options = dict(_triton.compile_options(variant["num_warps"]), **variant.get("options", {}))
     return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -163,7 +172,11 @@ def compile_triton_variant(job: tuple) -> dict:
     variant, arch = job
     from cbkernels import _triton
 
-    if variant["kernel"] == "grad_scale_kernel":
+    if "module" in variant:
+        import importlib
+
+        module = importlib.import_module(variant["module"])
+    elif variant["kernel"] == "grad_scale_kernel":
         from cbkernels import _grad_scale as module
     else:
         module = _triton.kernels()
@@ -184,6 +197,9 @@ def compile_triton_variant(job: tuple) -> dict:
 
 def describe(v: dict) -> str:
     c = v["constexprs"]
+    if "module" in v:
+        extra = f" reduction={c['REDUCTION']} target={v['signature']['target_ptr'][1:]}" if "REDUCTION" in c else ""
+        return f"sm_{v['arch']} {v['dtype']:4} {v['kernel']}{extra} block={c['BLOCK']} warps={v['num_warps']}"
     if v["kernel"] == "grad_scale_kernel":
         kind = "per-row" if c["PER_ROW"] else "scalar"
         return (f"sm_{v['arch']} {v['dtype']:4} align={v['align']} grad_scale {kind:7} "
