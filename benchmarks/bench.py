@@ -7,7 +7,8 @@
 - ``naive+compile``: ``torch.compile`` of the same function, compiled once per case outside the timing.
 - ``F.cross_entropy``: ``F.cross_entropy(logits, target, weight=w)`` (softmax only; its mean is the
   weighted mean, which does not matter for timing).
-- ``cb:<backend>``: ``cbkernels.class_balanced_loss(..., backend=<backend>)`` for every backend that
+- ``cb:<backend>``: ``cbkernels.ClassBalancedLoss(..., backend=<backend>)`` holding the case's precomputed
+  weights (a call is ``class_balanced_loss(..., weight=w)``) for every backend that
   ``cbkernels.available_backends()`` reports at run time; ``cb:<backend>+inplace`` (only when named in
   ``--providers``) adds ``inplace_backward=True``.
 
@@ -39,6 +40,9 @@ from benchmarks.harness import BASELINE, LOSSES, naive_cb_loss  # noqa: E402
 from benchmarks.report import Progress, format_markdown, format_table, plot, shape_label  # noqa: E402
 
 SHAPES: Dict[str, Tuple[int, int]] = {
+    # The paper's long-tailed CIFAR (batch 128): per-call overhead decides these ("small" rows).
+    "cifar10": (128, 10),
+    "cifar100": (128, 100),
     "inat2018": (256, 8142),  # iNaturalist 2018: batch 256, 8142 species
     "imagenet": (1024, 1000),
     "vocab": (2048, 32000),  # LM-head sized vocabulary
@@ -47,10 +51,23 @@ QUICK_SHAPES: Dict[str, Tuple[int, int]] = {"small": (128, 1000)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy")
 
+# Logits below this many elements are timed in batches of steps (INNER_ELEMS // numel of them, at most MAX_INNER):
+# a single step there lasts tens of microseconds, close to the timer's and the loop's own cost.
+INNER_ELEMS = 1 << 20
+MAX_INNER = 512
+
+
+def inner_steps(logits: Tensor) -> int:
+    """Steps per timed unit: 1 for realistic shapes, up to MAX_INNER for the tiny ones."""
+    return max(1, min(MAX_INNER, INNER_ELEMS // max(1, logits.numel())))
+
+
 TIMING_METHOD = (
     "forward+backward of the mean loss w.r.t. a leaf logits tensor; logits.grad is reset between steps "
-    "(untimed). Per provider one untimed warm-up step (torch.compile compiles there, once per case) and "
-    "one untimed memory step, then timed rounds: every round runs each provider once, in an order "
+    "(untimed; inside the timed unit for the small shapes, below 2^20 logits, which are timed in units of "
+    "2^20 // (B*C) steps, at most 512, reported per step). Per provider one untimed warm-up step "
+    "(torch.compile compiles there, once per case) and one untimed memory step, then timed rounds: every "
+    "round runs each provider once, in an order "
     "rotated per round, so machine noise hits all providers alike. Each provider repeats until about "
     "--target-time seconds at its running median (between --min-reps and --max-reps steps). Median reported; "
     "speed-up = naive median / provider median, from the same run. CPU: time.perf_counter; CUDA: CUDA "
@@ -181,9 +198,11 @@ def make_provider(name: str, case: Case) -> Provider:
         # +inplace: inplace_backward=True, the gradient written over the logits (which the steps then keep
         # overwriting: fine for timing and memory, the values stay finite).
         inplace = variant == "inplace"
-        return Provider(name, lambda x: cbkernels.class_balanced_loss(x, t, weight=w, loss_type=lt, gamma=g,
-                                                                      backend=backend, inplace_backward=inplace),
-                        (t, w))
+        # The module form with the case's precomputed weights (what a training loop holds).
+        module = cbkernels.ClassBalancedLoss([1] * case.classes, loss_type=lt, gamma=g, backend=backend,
+                                             inplace_backward=inplace).to(w.device)
+        module.weight = w
+        return Provider(name, lambda x: module(x, t), (t, w))
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -299,18 +318,28 @@ def run_case(case: Case, provider_names: Sequence[str], opts: Options,
 
     graphs_before = _graphs_compiled()
     status("timing " + ", ".join(p.name for p in providers))
+    inner = inner_steps(x)
+
+    def unit(p: Provider) -> None:
+        step(p, x)
+        for _ in range(inner - 1):
+            x.grad = None
+            step(p, x)
+
     try:
-        times = harness.timed_rounds({p.name: (lambda p=p: step(p, x)) for p in providers}, x.device,
+        times = harness.timed_rounds({p.name: (lambda p=p: unit(p)) for p in providers}, x.device,
                                      min_reps=opts.min_reps, max_reps=opts.max_reps, target_time=opts.target_time,
                                      prepare=lambda: setattr(x, "grad", None), on_error=dropped)
     finally:
         x.grad = None
+    times = {name: [t / inner for t in ts] for name, ts in times.items()}
     recompiled = _graphs_compiled() - graphs_before
 
     for name, ts in times.items():
         row = rows[name]
         ms = sorted(t * 1e3 for t in ts)
-        row.update(reps=len(ms), median_ms=statistics.median(ms), min_ms=ms[0], times_ms=[t * 1e3 for t in ts])
+        row.update(reps=len(ms), inner_steps=inner, median_ms=statistics.median(ms), min_ms=ms[0],
+                   times_ms=[t * 1e3 for t in ts])
         if len(ms) >= 2:
             q = statistics.quantiles(ms, n=4, method="inclusive")
             row.update(p25_ms=q[0], p75_ms=q[2])
@@ -376,7 +405,7 @@ providers:
   naive            cbkernels.reference.naive_cb_loss at the working dtype: the speed-up baseline
   naive+compile    torch.compile of it, compiled once per case before timing
   F.cross_entropy  F.cross_entropy(logits, target, weight=w), softmax only
-  cb:<backend>     cbkernels.class_balanced_loss(..., backend=<backend>), each available backend
+  cb:<backend>     cbkernels.ClassBalancedLoss(..., backend=<backend>) with precomputed weights, each backend
   cb               all cb:<backend>
   cb:<backend>+inplace  the same with inplace_backward=True (only when named)
   on this machine's CPU: {here}
@@ -393,8 +422,8 @@ examples:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="logits dtype (default float32)")
-    p.add_argument("--shapes", help="comma-separated shape names or BxC (default: inat2018,imagenet,vocab; "
-                                    "with --quick: small)")
+    p.add_argument("--shapes", help="comma-separated shape names or BxC (default: cifar10,cifar100,inat2018,"
+                                    "imagenet,vocab; with --quick: small)")
     p.add_argument("--losses", help=f"comma-separated subset of {','.join(LOSSES)} (default all)")
     p.add_argument("--providers", help="comma-separated providers (default: every one that runs here)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default 2 on CPU, untouched on CUDA)")
