@@ -14,9 +14,33 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ._backends import get_backend, gpu_too_old
+from ._backends import Backend, get_backend, gpu_too_old
 from ._opdefs import LossSpec
 from ._torch_stages import refuse_double_backward
+
+
+def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend: Backend, spec: LossSpec,
+                        inplace_backward: bool) -> Tensor:
+    """The differentiable call on a resolved backend: the compiled CPU backend's ``cb_loss`` op, whose autograd is
+    C++ (one dispatch forward, no Python backward: csrc/cb_autograd.cpp), or ``CBLossFunction`` for every other
+    path (the other backends, and ``inplace_backward``, which hands the logits buffer to backward)."""
+    if backend.name == "cpu" and not (inplace_backward and logits.requires_grad):
+        flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
+        z = logits if flat else logits.reshape(-1, logits.shape[-1])
+        loss = _cpu_loss_op()(z, target if flat else target.reshape(-1), weight, *spec.op_args())
+        return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
+    return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward))
+
+
+_CPU_LOSS = []
+
+
+def _cpu_loss_op():
+    if not _CPU_LOSS:
+        from ._ops import loss
+
+        _CPU_LOSS.append(loss)
+    return _CPU_LOSS[0]
 
 
 class CBLossFunction(torch.autograd.Function):

@@ -18,11 +18,14 @@ from . import _opdefs  # the ops' schemas and fakes, before the library that reg
 from . import _C  # noqa: F401
 
 _opdefs.define_ops("")
+_opdefs.define_loss_op()
 
 _fwd = torch.ops.cbkernels.cb_loss_fwd.default
 _fwd_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace.default
 
 forward = _fwd  # (logits, target, weight, scale, *LossSpec.op_args(), compute_grad) -> (loss, grad)
+# (logits, target, weight, *LossSpec.op_args()) -> loss, differentiable (autograd in C++: csrc/cb_autograd.cpp).
+loss = torch.ops.cbkernels.cb_loss.default
 
 
 def forward_inplace(logits: Tensor, *args) -> Tensor:

@@ -15,8 +15,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from . import _autograd
 from . import _validation as V
-from ._autograd import CBLossFunction
 from ._backends import resolve_backend
 
 
@@ -50,8 +50,8 @@ def class_balanced_loss(
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
-    b = resolve_backend(backend, logits.device)
-    return CBLossFunction.apply(logits, target, w, b.name, spec, bool(inplace_backward))
+    return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
+                                         inplace_backward)
 
 
 def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,

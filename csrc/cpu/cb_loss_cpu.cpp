@@ -75,8 +75,10 @@ void launch(const OpArgs& args, const at::Tensor& z, const at::Tensor& loss, con
     check_targets_and_scale<float>(p);
   }
   const RowsFn fn = rows_fn();
-  // Rows per task: at least ATen's grain of 32768 elements, so a small problem stays on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, 32768 / p.num_classes);
+  // Rows per task: at least 4096 elements. Below that a problem stays on the calling thread; above it a second
+  // thread pays off already (a CIFAR-100 batch, 128 x 100: 9.7-10.0 us a call instead of 11.9-18.7 with ATen's
+  // grain of 32768 elements, 2 threads). Rows are independent, so the bits do not depend on the split.
+  const int64_t grain = std::max<int64_t>(1, 4096 / p.num_classes);
   std::atomic<int64_t> first_bad{-1};
   at::parallel_for(0, p.num_rows, grain, [&](int64_t begin, int64_t end) {
     const int64_t bad = fn(p, begin, end);
