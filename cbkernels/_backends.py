@@ -202,8 +202,24 @@ def available_backends() -> List[str]:
 CUDA_BACKEND_VERIFIED = False
 
 
+# Resolutions for CPU tensors, which cannot change within a process ("auto" there never picks Triton, and whether
+# the compiled extension loaded is fixed): a dictionary lookup per call instead of the checks below.
+_CPU_RESOLVED: Dict[str, Backend] = {}
+
+
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """Map ``backend`` ("auto" or a name) to a usable backend for tensors on ``device``."""
+    if device.type == "cpu":
+        hit = _CPU_RESOLVED.get(backend)
+        if hit is not None:
+            return hit
+        if backend in ("auto", "torch", "cpu"):
+            hit = _CPU_RESOLVED[backend] = _resolve(backend, device)
+            return hit
+    return _resolve(backend, device)
+
+
+def _resolve(backend: str, device: torch.device) -> Backend:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":

@@ -87,6 +87,22 @@ def check_inplace(logits: Tensor) -> None:
         reach = stride * size
 
 
+def given_weight(weight: Tensor, num_classes: int, device: torch.device) -> Tensor:
+    """A precomputed ``[C]`` weight, checked and as the kernels read it (float32, no autograd history): the tensor
+    itself when it already is (no op dispatched)."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(f"weight must have shape [C] = [{num_classes}], got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but logits are on {device}")
+    if weight.requires_grad:
+        weight = weight.detach()
+    return weight if weight.dtype == torch.float32 else weight.float()
+
+
 def class_weights(
     samples_per_class, weight: Optional[Tensor], beta: float, num_classes: int, device: torch.device
 ) -> Tensor:
@@ -95,15 +111,7 @@ def class_weights(
     if samples_per_class is not None and weight is not None:
         raise ValueError("give samples_per_class (with beta) or a precomputed weight, not both")
     if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-        if weight.dim() != 1 or weight.shape[0] != num_classes:
-            raise ValueError(f"weight must have shape [C] = [{num_classes}], got {tuple(weight.shape)}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {device}")
-        return weight.detach().float()
+        return given_weight(weight, num_classes, device)
     if samples_per_class is None:
         return _unit_weights(num_classes, device)
     if torch.compiler.is_compiling():

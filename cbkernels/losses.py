@@ -54,6 +54,17 @@ def class_balanced_loss(
                                          inplace_backward)
 
 
+def _module_call(logits: Tensor, target: Tensor, weight: Tensor, spec, backend: str, inplace_backward: bool) -> Tensor:
+    """``class_balanced_loss`` for a module whose options were checked when it built ``spec``: the same checks of the
+    tensors, in the same order, without rebuilding the spec (``ClassBalancedLoss.forward``)."""
+    V.check_logits_target(logits, target)
+    if inplace_backward and logits.requires_grad:
+        V.check_inplace(logits)
+    w = V.given_weight(weight, logits.shape[-1], logits.device)
+    return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
+                                         inplace_backward)
+
+
 def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, label_smoothing=0.0,
                              inplace_backward=False, backend="auto") -> Tensor:
@@ -127,12 +138,18 @@ class ClassBalancedLoss(nn.Module):
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.backend, self.inplace_backward = backend, inplace_backward
+        self._spec_key = None  # (options) the cached spec was built from; see forward
+        self._spec = None
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return class_balanced_loss(logits, target, loss_type=self.loss_type, gamma=self.gamma, weight=self.weight,
-                                   reduction=self.reduction, ignore_index=self.ignore_index,
-                                   label_smoothing=self.label_smoothing, inplace_backward=self.inplace_backward,
-                                   backend=self.backend)
+        # The spec is rebuilt (and the options checked) only when an option attribute changed since the last call.
+        key = (self.loss_type, self.gamma, self.reduction, self.ignore_index, self.label_smoothing, self.backend)
+        if key != getattr(self, "_spec_key", None):  # (absent on a module pickled before it existed)
+            spec = V.loss_spec(self.loss_type, gamma=self.gamma, label_smoothing=self.label_smoothing,
+                               ignore_index=self.ignore_index, reduction=self.reduction)
+            V.check_backend(self.backend)
+            self._spec, self._spec_key = spec, key
+        return _module_call(logits, target, self.weight, self._spec, self.backend, self.inplace_backward)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "
