@@ -11,11 +11,15 @@ once per loss and dtype). Providers:
 - ``triton-kernel``: the ``cbkernels::cb_loss_fwd_triton`` op alone (loss and gradient in one launch);
 - ``cuda`` / ``cuda-kernel``: the same for the CUDA C++ backend (``cbkernels::cb_loss_fwd`` on CUDA tensors), when
   the extension was built with its CUDA kernels;
+- ``F.cross_entropy`` (weight=w) and ``liger`` (Liger-Kernel's fused ``liger_cross_entropy``, when installed): the
+  cross-entropy baselines, softmax only;
 - ``eager``: ``benchmarks.harness.naive_cb_loss`` at the working dtype (what users write today);
 - ``compile``: ``torch.compile`` of the same function.
 
 Effective bandwidth = (logits read + gradient written) / time, also as a fraction of a device-to-device copy
-measured in the same run. Writes ``gpu_bench_<gpu>_<date>.json`` and ``.txt`` under ``--out``. ``--device cpu``
+measured in the same run. Below 2^20 logits (the CIFAR shapes) each provider's kernel launches per step are
+counted too (``<n>k`` in the table: the profiler's CUDA kernels of one forward+backward). Writes
+``gpu_bench_<gpu>_<date>.json`` and ``.txt`` under ``--out``. ``--device cpu``
 runs the script under the Triton interpreter as a smoke test of the script itself (its timings mean nothing).
 """
 
@@ -41,7 +45,11 @@ from benchmarks.harness import LOSSES, naive_cb_loss  # noqa: E402
 
 # (N, C, dtypes): the paper's iNaturalist 2018 head (8142), ImageNet, an LM vocabulary (32000), Llama 3's
 # 128256 (bf16 only: the fp32 eager baseline alone needs tens of GB), and few rows of a huge vocabulary.
-CASES = [(256, 8142), (4096, 8142), (1024, 1000), (8192, 1000), (2048, 32000), (4096, 128256), (8, 256000)]
+# The paper's long-tailed CIFAR-10/100 (batch 128) first: per-call overhead and kernel launches decide those.
+CASES = [(128, 10), (128, 100), (256, 8142), (4096, 8142), (1024, 1000), (8192, 1000), (2048, 32000),
+         (4096, 128256), (8, 256000)]
+SMALL = 1 << 20  # logits below this many elements also get their kernel launches per step counted
+SOFTMAX_ONLY = {"F.cross_entropy", "liger"}  # cross-entropy baselines: the softmax loss only
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BF16_ONLY = {(4096, 128256)}
 GAMMA = 0.5
@@ -74,8 +82,8 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
         lt = LOSS_TYPES[loss_type]
         op = torch.ops.cbkernels.cb_loss_fwd_triton if provider == "triton-kernel" else torch.ops.cbkernels.cb_loss_fwd
 
-        def step():
-            op(logits, target, weight, scale, lt, GAMMA, 0.0, -100, True)
+        def step():  # the loss kernel alone: a given scale and per-row losses (no normaliser or reduction launch)
+            op(logits, target, weight, scale, lt, GAMMA, 0.0, -100, "none", True)
 
         return step
     x = logits.detach().clone().requires_grad_(True)
@@ -83,6 +91,16 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
         def fn(z):
             return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
                                           backend=provider)
+    elif provider == "F.cross_entropy":
+        w = weight.to(logits.dtype)
+
+        def fn(z):
+            return torch.nn.functional.cross_entropy(z, target, weight=w)
+    elif provider == "liger":
+        from liger_kernel.transformers.functional import liger_cross_entropy  # optional: absent means an error row
+
+        def fn(z):
+            return liger_cross_entropy(z, target, weight=weight)
     elif provider == "eager":
         def fn(z):
             return naive_cb_loss(z, target, weight, loss_type=loss_type, gamma=GAMMA)
@@ -100,6 +118,20 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
         fn(x).backward()
 
     return step
+
+
+def cuda_launches(step) -> int:
+    """Kernels one step launches on the GPU (forward and backward), from the profiler's device activity; memcpy and
+    memset records are not kernels and are left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm (compiles, caches)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(1 for n in names if "memcpy" not in n.lower() and "memset" not in n.lower())
 
 
 def time_provider(provider: str, loss_type: str, logits, target, weight, compiled: dict) -> float:
@@ -137,6 +169,8 @@ def run(losses, budget_s: float, providers, cases=CASES, dtypes=tuple(DTYPES), d
                 nbytes = 2 * logits.numel() * logits.element_size()
                 row = {"loss": loss_type, "N": n, "C": c, "dtype": dname, "bytes": nbytes}
                 for provider in providers:
+                    if provider in SOFTMAX_ONLY and loss_type != "softmax":
+                        continue
                     if provider == "compile" and time.time() - t_start > budget_s:
                         row[provider] = None  # over the time budget: torch.compile is the slow one to warm up
                         continue
@@ -147,6 +181,9 @@ def run(losses, budget_s: float, providers, cases=CASES, dtypes=tuple(DTYPES), d
                         row[provider] = {"ms": round(ms, 4), "GBps": round(nbytes / ms / 1e6, 1),
                                          "frac_copy": round(nbytes / ms / 1e6 / meta["copy_GBps"], 3),
                                          "peak_MB": round(peak / 2**20, 1)}
+                        if on_gpu and logits.numel() < SMALL:
+                            step = make_step(provider, loss_type, logits, target, weight, compiled)
+                            row[provider]["launches"] = cuda_launches(step)
                     except Exception as e:  # an OOM or compile failure is a result, not the end of the run
                         row[provider] = {"error": harness.one_line(e)}
                     finally:
@@ -168,13 +205,14 @@ def format_row(row, providers) -> str:
         elif "error" in r:
             cells.append(f"{p}: {'error':>8}")
         else:
-            cells.append(f"{p}: {r['ms']:8.3f} ms {r['frac_copy']:5.0%}")
-    eager, comp = row.get("eager"), row.get("compile")
+            launches = f" {r['launches']}k" if "launches" in r else ""
+            cells.append(f"{p}: {r['ms']:8.3f} ms {r['frac_copy']:5.0%}{launches}")
     for name in ("triton", "cuda"):
         ours = row.get(name)
         if not ours or "ms" not in ours:
             continue
-        for base_name, base in (("eager", eager), ("compile", comp)):
+        for base_name in ("eager", "compile", "F.cross_entropy", "liger"):
+            base = row.get(base_name)
             if base and "ms" in base:
                 cells.append(f"{name} vs {base_name} {base['ms'] / ours['ms']:5.1f}x")
     return " | ".join(cells)
@@ -200,7 +238,7 @@ def main(argv=None) -> int:
     if args.providers is None:
         has_cuda_backend = args.device == "cuda" and "cuda" in cb.available_backends()
         args.providers = ["triton", "triton-kernel"] + (["cuda", "cuda-kernel"] if has_cuda_backend else [])
-        args.providers += ["eager", "compile"]
+        args.providers += ["F.cross_entropy", "liger", "eager", "compile"]
     cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
     result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["gpu"]).strip("-").lower()

@@ -3,15 +3,16 @@
 Every backend module provides two forward functions with one signature, over 2-D logits ``[N, C]``:
 
 ``loss_fwd(logits, target, weight, scale, spec, compute_grad)``
-    returns ``(loss [N] float32, grad [N, C] in the logits' dtype, or an empty tensor when not compute_grad)``
+    returns ``(loss, grad [N, C] in the logits' dtype, or an empty tensor when not compute_grad)``
 ``loss_fwd_inplace(logits, target, weight, scale, spec)``
-    returns ``loss [N]`` and writes the gradient over ``logits``.
+    returns ``loss`` and writes the gradient over ``logits``.
 
 ``spec`` is the ``LossSpec`` built at the API edge; each backend flattens it into its op's arguments
-(``_opdefs`` defines the ops). ``loss`` is the per-row loss ``l_i`` of SPEC section 3 (0 for ignored rows);
-``grad`` is ``scale * d l_i / d z_ij`` (SPEC section 4) with ``scale`` a 0-d float32 tensor on the logits'
-device that carries the reduction's normaliser, so no denominator ever travels through the host.
-Inputs arrive validated (see ``_validation``); backends do not check them again.
+(``_opdefs`` defines the ops and their contract). One call is the whole forward: the target check, the
+normaliser ``s`` of ``spec.reduction`` (SPEC section 5; a given 0-d ``scale`` on the logits' device replaces it,
+as the chunked linear path does), the loss (per row for ``"none"``, else the 0-d ``s * sum_i l_i``) and
+``grad = s * d l_i / d z_ij`` (SPEC section 4), with no denominator travelling through the host. Inputs arrive
+with their metadata validated (see ``_validation``); the target values are checked by the op itself.
 """
 
 from __future__ import annotations

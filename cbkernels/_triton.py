@@ -1,7 +1,9 @@
 """Triton backend: host side of the fused kernels in ``_triton_kernels`` (launch plans, op kernels).
 
-``loss_fwd`` / ``loss_fwd_inplace`` follow the backend interface of ``_backends``. Everything stays on the
-device (the reduction's ``scale`` and the class weights are read by the kernel; no host sync), launches go
+``loss_fwd`` / ``loss_fwd_inplace`` follow the backend interface of ``_backends``: a call is at most three
+launches (``_triton_reduce``'s normaliser and target check, the loss kernel, the reduction; the split path of
+few, huge rows adds its combining kernel). Everything stays on the device (the normaliser and the class weights
+are read by the kernel; no host sync), launches go
 to the current stream of the logits' device, and CPU tensors run the same kernels under the Triton interpreter
 (``TRITON_INTERPRET=1``, read by Triton when it is first imported: ``triton.jit`` then builds interpreter
 functions, its own standard library included, for the whole process).

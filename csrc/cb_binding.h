@@ -225,9 +225,13 @@ void cb_loss_fwd_outputs(OpArgs& args, const Launch& launch) {
   const bool reduce = reduction_code(args) != kNone;
   const at::Tensor& logits = args.tensor("logits");
   const at::Tensor z = rows_ok(logits) ? logits : logits.contiguous();
+  // The gradient first, the small outputs after it: glibc returns the top of its heap to the system when a large
+  // block there is freed, so a gradient allocated last is unmapped at `x.grad = None` and page-faulted in again by
+  // the next call (256 x 8142 float32: 1.5 ms a step instead of 0.4). Allocated first, the loss the caller still
+  // holds sits above it and the freed block is reused.
+  at::Tensor grad = compute_grad ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
   at::Tensor loss = at::empty({z.size(0)}, z.options().dtype(loss_dtype(z)));
   at::Tensor reduced = reduce ? at::empty({}, loss.options()) : at::Tensor();
-  at::Tensor grad = compute_grad ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
   if (z.size(0) > 0) {
     launch(args, z, loss, compute_grad ? &grad : nullptr, reduce ? &reduced : nullptr);
   } else if (reduce) {

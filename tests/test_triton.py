@@ -348,6 +348,13 @@ def test_gpu_bench_script_smoke(tmp_path):
                        "--providers", "triton", "triton-kernel", "eager", "--out", str(tmp_path)]) == 0
     (table,) = tmp_path.glob("*.txt")
     assert "triton vs eager" in table.read_text()
+    # The cross-entropy baselines (softmax only; Liger is optional: absent, its cell is an error, not a crash).
+    out = tmp_path / "ce"
+    assert bench.main(["--device", "cpu", "--cases", "4x50", "--losses", "softmax", "focal", "--dtypes", "fp32",
+                       "--providers", "triton", "F.cross_entropy", "liger", "--out", str(out)]) == 0
+    (table,) = out.glob("*.txt")
+    text = table.read_text()
+    assert "triton vs F.cross_entropy" in text and text.count("F.cross_entropy:") == 1
 
 
 # ----------------------------------------------------------------------- CPU, interpreter, the GPU's float32 arithmetic
