@@ -87,10 +87,19 @@ def test_build_check_compiles_with_the_launch_options(monkeypatch):
     monkeypatch.setattr(triton, "compile", lambda src, target, options: captured.append(options))
     variants = gpu_build_check.triton_variants(quick=True)
     kinds = {v["kernel"] for v in variants}
-    assert {"cb_loss_kernel", "cb_loss_split_finish_kernel", "grad_scale_kernel"} <= kinds
+    assert {"cb_loss_kernel", "cb_loss_split_finish_kernel", "grad_scale_kernel", "reduction_scale_kernel",
+            "reduce_rows_kernel"} <= kinds
+    import importlib
+
     from cbkernels import _grad_scale
 
-    for v in variants[:3] + variants[-2:]:
-        fn = getattr(_grad_scale if v["kernel"] == "grad_scale_kernel" else T.kernels(), v["kernel"])
+    scale = [v for v in variants if v["kernel"] == "grad_scale_kernel"]
+    for v in variants[:3] + scale[:1] + variants[-3:]:
+        if "module" in v:
+            fn = getattr(importlib.import_module(v["module"]), v["kernel"])
+        else:
+            fn = getattr(_grad_scale if v["kernel"] == "grad_scale_kernel" else T.kernels(), v["kernel"])
         gpu_build_check._compile(fn, v, 90)
-        assert captured[-1] == T.compile_options(v["num_warps"])
+        # The launch's options; the normaliser kernel adds debug=True (its device assert), as its launch does.
+        assert captured[-1] == dict(T.compile_options(v["num_warps"]), **v.get("options", {}))
+    assert any(v.get("options") == {"debug": True} for v in variants[-3:])
