@@ -7,11 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,triton,plot,examples
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test bench lint gpu-build-check clean
+.PHONY: setup test bench lint gpu-build-check dist-check clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py Makefile $(CSRC)
+$(VENV)/.installed: pyproject.toml setup.py cbkernels/_build.py Makefile $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile $(CSRC)
 
 test: setup
 	$(PY) -m pytest tests
+	$(MAKE) --no-print-directory dist-check
+
+# The sdist and a wheel, each installed into a fresh venv holding only torch and numpy, smoke-tested outside the tree.
+dist-check: setup
+	TORCH_SPEC='$(TORCH_SPEC)' $(PY) tools/dist_check.py
 
 bench: setup
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
@@ -32,4 +37,4 @@ gpu-build-check: setup
 	if command -v nvcc >/dev/null || test -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"; then $(PY) tools/nvcc_build_check.py; fi
 
 clean:
-	rm -rf build *.egg-info cbkernels/*.so $(VENV)/.installed
+	rm -rf build dist *.egg-info cbkernels/*.so cbkernels/_build_info.py $(VENV)/.installed

@@ -1,109 +1,66 @@
-"""Build script: the pure-Python package, plus the compiled extension ``cbkernels._C`` when its sources exist.
+"""Build script: the pure-Python package, its C++/CUDA sources, and the prebuilt ``cbkernels._C`` when torch is
+importable while building.
 
-The C++ CPU kernels are always built (any machine with a C++ compiler). The CUDA sources are added
-when torch is a CUDA build and a CUDA toolkit is found (never decided by torch.cuda.is_available(),
-which is False on GPU-less build hosts); CBKERNELS_FORCE_CUDA=1 / CBKERNELS_SKIP_CUDA=1 override.
-
-The CPU row kernels (csrc/cpu/isa/*.cpp) are compiled once per instruction set, as ATen compiles its
-own kernels: a baseline copy, and on x86-64 AVX2 and AVX512 copies; the binding picks one at run time
-from ATen's CPU capability. No flag ever targets the build machine (no -march=native).
+- ``make setup`` / ``pip install --no-build-isolation -e .`` / ``pip wheel --no-build-isolation .``: torch is the
+  environment's, so ``_C`` is compiled against it (how, in ``cbkernels/_build.py``) and the wheel records that torch
+  version (``cbkernels/_build_info.py``). Debug sections are stripped unless ``CBKERNELS_DEBUG=1``.
+- ``pip install .`` / ``pip install cbkernels`` (build isolation: no torch in the build environment): no library
+  is compiled and no torch is fetched to build one; the package carries its sources (``cbkernels/_csrc``) and
+  ``cbkernels._extension`` compiles them once on first use against the user's torch (cached), or falls back to the
+  pure-PyTorch backend when there is no compiler.
+``CBKERNELS_SKIP_EXTENSION=1`` builds no library even with torch present.
 """
 
-import glob
+import importlib.util
 import os
-import platform
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-# ATen's per-capability flags (cmake/Codegen.cmake), so our kernels use the same instructions as its own.
-ISA_FLAGS = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
-}
-
-# The CUDA architectures built when TORCH_CUDA_ARCH_LIST is unset: native code for Turing (7.5, the oldest the CUDA
-# backend supports: cbkernels._backends.MIN_CAPABILITY), Ampere (8.0, which also runs on 8.6/8.7/8.9: same major
-# version) and Hopper (9.0), plus compute_90 PTX, which the driver compiles at first load on any newer GPU (Blackwell
-# sm_100/sm_120 and later), where native code for older majors cannot run. A fixed list: left unset, torch builds
-# for the build host's visible GPUs only (nothing on a GPU-less host), and torch's own list
-# (torch.cuda.get_arch_list(), also empty without a GPU) would be every architecture from Turing to Blackwell, twice
-# the build. tools/nvcc_build_check.py compiles all of these, and that PTX as the driver does for sm_100/110/120.
-DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _isas():
-    if os.environ.get("CBKERNELS_CPU_ISAS"):  # e.g. "DEFAULT" for a quick build
-        return os.environ["CBKERNELS_CPU_ISAS"].split(",")
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return ["DEFAULT", "AVX2", "AVX512"] if x86 else ["DEFAULT"]
+def _load_build_module():
+    # By path: importing the cbkernels package here would import torch (absent under build isolation).
+    spec = importlib.util.spec_from_file_location("_cbkernels_build", os.path.join(HERE, "cbkernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package as cbkernels/_csrc: what the first-use build compiles."""
+
+    def run(self):
+        super().run()
+        if not os.path.isdir(os.path.join(HERE, "csrc")):
+            return
+        target = os.path.join(self.build_lib, "cbkernels", "_csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(HERE, "csrc"), target,
+                        ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
 def _extensions():
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    if not cpu_sources or os.environ.get("CBKERNELS_SKIP_EXTENSION") == "1":
+    if not os.path.isdir("csrc") or os.environ.get("CBKERNELS_SKIP_EXTENSION") == "1":
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    if importlib.util.find_spec("torch") is None:
+        return [], {}  # build isolation: a pure wheel that compiles on first use (cbkernels/_extension.py)
+    build = _load_build_module()
+    ext, cmdclass = build.extension("csrc")
+    base = cmdclass["build_ext"]
 
-    class BuildWithISAs(BuildExtension):
-        """Compiles every csrc/cpu/isa source once per instruction set and links those objects after the
-        baseline ones, so inline functions shared with the baseline code resolve to baseline copies."""
+    class BuildExtRecordingTorch(base):
+        def run(self):
+            super().run()
+            # Beside the library, wherever it went (build/lib for a wheel, the source tree with --inplace).
+            out = os.path.dirname(self.get_ext_fullpath("cbkernels._C"))
+            with open(os.path.join(out, "_build_info.py"), "w") as f:
+                f.write(build.build_info_source())
 
-        def build_extension(self, ext):
-            isa_sources = sorted(glob.glob("csrc/cpu/isa/*.cpp"))
-            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-            objects = []
-            for isa in _isas():
-                macros = [("CPU_CAPABILITY", isa)] + ([] if isa == "DEFAULT" else [(f"CPU_CAPABILITY_{isa}", None)])
-                objects += self.compiler.compile(
-                    isa_sources,
-                    output_dir=os.path.join(self.build_temp, isa.lower()),
-                    macros=ext.define_macros + macros,
-                    include_dirs=ext.include_dirs,
-                    # GCC 12's own AVX-512 intrinsics headers trip -Wuninitialized (false positives).
-                    extra_postargs={"cxx": cxx + ISA_FLAGS[isa] + ["-Wno-uninitialized"], "nvcc": []},
-                    depends=ext.depends,
-                )
-            ext.extra_objects = objects + list(ext.extra_objects or [])
-            super().build_extension(ext)
-
-    # Never -march=native: the wheel must run on any x86-64 / aarch64 machine.
-    # C++20: what torch >= 2.13 builds extensions with (its headers warn under C++17).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    link = ["-fopenmp"]
-    isa_macros = [(f"CBKERNELS_CPU_{isa}", "1") for isa in _isas() if isa != "DEFAULT"]
-    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/cpu/isa/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    force = os.environ.get("CBKERNELS_FORCE_CUDA") == "1"
-    skip = os.environ.get("CBKERNELS_SKIP_CUDA") == "1"
-    use_cuda = bool(cuda_sources) and not skip and (force or (torch.version.cuda is not None and CUDA_HOME is not None))
-    if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        ext = CUDAExtension(
-            "cbkernels._C",
-            cpu_sources + cuda_sources,
-            include_dirs=[os.path.abspath("csrc")],
-            define_macros=[("CBKERNELS_WITH_CUDA", "1")] + isa_macros,
-            # No --use_fast_math: the kernels call the hardware approximations explicitly where they are
-            # accurate enough (csrc/cuda/cb_loss_cuda_math.cuh); the per-row math of cb_math.h (powf, logf, /)
-            # must stay IEEE, or e.g. the softmax-focal modulator loses ~1e-5 relative.
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-            extra_link_args=link,
-            depends=depends,
-        )
-    else:
-        ext = CppExtension(
-            "cbkernels._C",
-            cpu_sources,
-            include_dirs=[os.path.abspath("csrc")],
-            define_macros=isa_macros,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-            depends=depends,
-        )
-    return [ext], {"build_ext": BuildWithISAs.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtRecordingTorch}
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

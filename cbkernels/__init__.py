@@ -1,13 +1,15 @@
 """cbkernels: fused class-balanced losses (Cui et al., CVPR 2019) for PyTorch.
 
 Importing this package never imports Triton, builds anything or touches a GPU; compiled backends load
-on first use. See docs/spec.md for what every loss computes.
+on first use (and are compiled then when the installed package has none for this torch: ``_extension``).
+See docs/spec.md for what every loss computes.
 """
 
 import sys as _sys
 
 from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch backend's op kernels)
 from ._backends import available_backends
+from ._version import __version__
 from .linear_loss import LinearClassBalancedLoss, linear_cb_loss
 from .losses import (
     ClassBalancedLoss,
@@ -19,9 +21,8 @@ from .losses import (
 )
 from .weights import beta_from_num_samples, class_balanced_weights, effective_number
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "ClassBalancedLoss",
     "LinearClassBalancedLoss",
     "available_backends",

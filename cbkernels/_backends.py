@@ -61,7 +61,9 @@ def _compiled_ext_has(dispatch_key: str) -> bool:
 
 
 def _load_compiled_ext(dispatch_key: str) -> bool:
-    if importlib.util.find_spec("cbkernels._C") is None:
+    from . import _extension
+
+    if _extension.load() is None:  # the library for this torch: prebuilt, cached, or built now (or none)
         return False
     try:
         # cbkernels._ops defines the ops (with their fake kernels) and loads the library that registers their
@@ -166,7 +168,8 @@ register_backend(
         ("cpu",),
         lambda: _compiled_ext_has("CPU"),
         _load("cbkernels._ops"),
-        how_to_get="build the C++ extension: `pip install --no-build-isolation -e .` (or `make setup`)",
+        how_to_get=("its library is compiled on first use and needs a C++ compiler (see the warning issued then and "
+                    "'Install' in the README), or a wheel built for this torch"),
     )
 )
 register_backend(

@@ -1,7 +1,8 @@
 """The compiled backends ("cpu", "cuda"): ``cbkernels::cb_loss_fwd`` and ``cb_loss_fwd_inplace``.
 
-Their schemas and fakes are defined in ``_opdefs`` (imported first); loading ``cbkernels._C`` registers the kernels
-that were built (CPU always, CUDA when compiled in). ``loss_fwd`` / ``loss_fwd_inplace`` are the backend interface
+Their schemas and fakes are defined in ``_opdefs`` (imported first); loading ``cbkernels._C`` (``_extension``:
+prebuilt for this torch, or compiled on first use) registers the kernels that were built (CPU always, CUDA when
+compiled in). ``loss_fwd`` / ``loss_fwd_inplace`` are the backend interface
 of ``_backends`` and serve both backends; ``forward`` / ``forward_inplace`` take the ops' flat arguments.
 """
 
@@ -12,10 +13,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _opdefs  # the ops' schemas and fakes, before the library that registers their kernels
+from . import _extension, _opdefs  # the ops' schemas and fakes, before the library that registers their kernels
 
-# isort: split
-from . import _C  # noqa: F401
+if _extension.load() is None:  # prebuilt for this torch, cached, or built now (cbkernels/_extension.py)
+    raise ImportError("cbkernels: the compiled kernels (cbkernels._C) are not available for this torch; see the "
+                      "warning above, or 'Install' in the README")
 
 _opdefs.define_ops("")
 _opdefs.define_loss_op()
