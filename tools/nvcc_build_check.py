@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Compile every CUDA source of cbkernels with plain nvcc and check its resource use.
 
-Each ``csrc/cuda/*.cu`` is compiled for the architectures ``setup.py`` builds by default (its
-``DEFAULT_CUDA_ARCH_LIST``, e.g. ``7.5;8.0;9.0+PTX``) with the nvcc flags of ``setup.py`` and torch's
+Each ``csrc/cuda/*.cu`` is compiled for the architectures ``setup.py`` builds by default (``cbkernels/_build.py``'s
+``DEFAULT_CUDA_ARCH_LIST``, e.g. ``7.5;8.0;9.0+PTX``) with its nvcc flags and torch's
 ``CUDAExtension``, plus warnings as errors (``-Xcompiler -Wall,-Wextra,-Werror``, ``--Werror all-warnings``) and
 ``-Xptxas -v``: native code for each listed architecture and, for a ``+PTX`` one, the PTX plus the code ptxas makes
 of it for the first architecture of every newer major version nvcc knows (sm_100, sm_110, sm_120 with CUDA 13):
@@ -40,10 +40,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
+BUILD_FILE = ROOT / "cbkernels" / "_build.py"  # how setup.py builds the extension
 CUDA_DIR = ROOT / "csrc" / "cuda"
 
-# setup.py's nvcc flags (read from it; this default if that fails), then torch.utils.cpp_extension's
-# COMMON_NVCC_FLAGS (kernels must build without the implicit half/bfloat16 conversions those defines remove).
+# The build's nvcc flags (cbkernels/_build.py, which setup.py uses; read from it, this default if that fails),
+# then torch.utils.cpp_extension's COMMON_NVCC_FLAGS (kernels must build without the implicit half/bfloat16
+# conversions those defines remove).
 DEFAULT_SETUP_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 TORCH_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__",
@@ -54,7 +56,7 @@ TORCH_FLAGS = [
 ]
 STRICT_FLAGS = ["-Xcompiler", "-Wall,-Wextra,-Werror,-fPIC", "--Werror", "all-warnings", "-Xptxas", "-v"]
 
-DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"  # when setup.py's DEFAULT_CUDA_ARCH_LIST cannot be read
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"  # when cbkernels/_build.py's DEFAULT_CUDA_ARCH_LIST cannot be read
 
 ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -97,7 +99,7 @@ class Target:
 
 
 def setup_nvcc_flags() -> List[str]:
-    m = re.search(r'"nvcc":\s*(\[[^\]]*\])', (ROOT / "setup.py").read_text())
+    m = re.search(r'"nvcc":\s*(\[[^\]]*\])', BUILD_FILE.read_text())
     try:
         flags = ast.literal_eval(m.group(1)) if m else None
     except (ValueError, SyntaxError):
@@ -106,7 +108,7 @@ def setup_nvcc_flags() -> List[str]:
 
 
 def setup_arch_list() -> str:
-    m = re.search(r'^DEFAULT_CUDA_ARCH_LIST\s*=\s*"([^"]+)"', (ROOT / "setup.py").read_text(), re.MULTILINE)
+    m = re.search(r'^DEFAULT_CUDA_ARCH_LIST\s*=\s*"([^"]+)"', BUILD_FILE.read_text(), re.MULTILINE)
     return m.group(1) if m else DEFAULT_ARCH_LIST
 
 
@@ -262,7 +264,7 @@ def table(uses: List[KernelUse], columns: List[str]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default=None,
-                    help=f"architectures, TORCH_CUDA_ARCH_LIST syntax (default setup.py's: {setup_arch_list()})")
+                    help=f"architectures, TORCH_CUDA_ARCH_LIST syntax (default, the build's: {setup_arch_list()})")
     ap.add_argument("--jit", default=None,
                     help="real architectures to compile a +PTX target's PTX for, comma-separated (default: the first "
                          "of every newer major version nvcc knows)")
