@@ -19,11 +19,13 @@ from .losses import (
     cb_softmax_focal,
     class_balanced_loss,
 )
+from .training import ClassCounter, distributed_normalizer
 from .weights import beta_from_num_samples, class_balanced_weights, effective_number
 
 __all__ = [
     "__version__",
     "ClassBalancedLoss",
+    "ClassCounter",
     "LinearClassBalancedLoss",
     "available_backends",
     "beta_from_num_samples",
@@ -33,6 +35,7 @@ __all__ = [
     "cb_softmax_focal",
     "class_balanced_loss",
     "class_balanced_weights",
+    "distributed_normalizer",
     "effective_number",
     "linear_cb_loss",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,16 +21,17 @@ from ._torch_stages import refuse_double_backward
 
 
 def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend: Backend, spec: LossSpec,
-                        inplace_backward: bool) -> Tensor:
+                        inplace_backward: bool, scale: Optional[Tensor] = None) -> Tensor:
     """The differentiable call on a resolved backend: the compiled CPU backend's ``cb_loss`` op, whose autograd is
     C++ (one dispatch forward, no Python backward: csrc/cb_autograd.cpp), or ``CBLossFunction`` for every other
-    path (the other backends, and ``inplace_backward``, which hands the logits buffer to backward)."""
+    path (the other backends, and ``inplace_backward``, which hands the logits buffer to backward). ``scale``: a 0-d
+    normaliser on the logits' device replacing the reduction's (a ``normalizer`` of SPEC section 12)."""
     if backend.name == "cpu" and not (inplace_backward and logits.requires_grad):
         flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
         z = logits if flat else logits.reshape(-1, logits.shape[-1])
-        loss = _cpu_loss_op()(z, target if flat else target.reshape(-1), weight, *spec.op_args())
+        loss = _cpu_loss_op()(z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
-    return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward))
+    return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale)
 
 
 _CPU_LOSS = []
@@ -46,7 +48,7 @@ def _cpu_loss_op():
 class CBLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, spec: LossSpec,
-                inplace_backward: bool) -> Tensor:
+                inplace_backward: bool, scale: Optional[Tensor] = None) -> Tensor:
         # One op call: it checks the targets, normalises, reduces and computes the gradient (_opdefs).
         loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
@@ -54,10 +56,10 @@ class CBLossFunction(torch.autograd.Function):
         t = target.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
         if want_grad and inplace_backward:
-            loss = loss_fwd_inplace(z, t, weight, None, spec)
+            loss = loss_fwd_inplace(z, t, weight, scale, spec)
             grad = z.detach()  # when reshape had to copy, the gradient lives in that copy and the logits stay intact
         else:
-            loss, grad = loss_fwd(z, t, weight, None, spec, want_grad)
+            loss, grad = loss_fwd(z, t, weight, scale, spec, want_grad)
         ctx.lead_shape = lead_shape
         ctx.per_row = spec.reduction == "none"
         ctx.inplace_backward = bool(inplace_backward and want_grad)
@@ -83,7 +85,7 @@ class CBLossFunction(torch.autograd.Function):
             grad = grad * go
         if torch.is_grad_enabled():
             grad = refuse_double_backward(grad)
-        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None
+        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None
 
 
 def _traced(t: Tensor) -> bool:

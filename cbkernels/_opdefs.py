@@ -146,15 +146,15 @@ def register_kernels(suffix: str, forward: Callable, forward_inplace: Callable, 
 
 def define_loss_op(*, _stacklevel: int = 1) -> None:
     """Defines ``cb_loss``, the differentiable whole call of the compiled CPU backend (its autograd kernel lives in
-    csrc/cb_autograd.cpp), with its fake: ``cb_loss(Tensor logits, Tensor target, Tensor weight, <spec>) -> Tensor``
-    over 2-D logits, returning the loss of ``cb_loss_fwd``."""
+    csrc/cb_autograd.cpp), with its fake: ``cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale,
+    <spec>) -> Tensor`` over 2-D logits, returning the loss of ``cb_loss_fwd``."""
     qualname = "cbkernels::cb_loss"
     if not _exists(qualname):
-        LIB.define(f"cb_loss(Tensor logits, Tensor target, Tensor weight, {SPEC_SCHEMA}) -> Tensor")
+        LIB.define(f"cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}) -> Tensor")
     elif not torch._C._dispatch_pystub(qualname, ""):
         return
 
-    def fake(logits, target, weight, *options):
+    def fake(logits, target, weight, scale, *options):
         return logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
 
     torch.library.register_fake(qualname, fake, lib=LIB, _stacklevel=_stacklevel + 1)

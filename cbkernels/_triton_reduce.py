@@ -2,10 +2,11 @@
 
 A forward call of the Triton backend is at most three launches and no host synchronisation (SPEC section 5):
 
-1. ``reduction_scale_kernel`` (without a given scale): one program reads every target, fails a device-side assert
+1. ``reduction_scale_kernel``: one program reads every target, fails a device-side assert
    on one outside ``[0, C)`` that is not ``ignore_index`` (the kernel is built with ``debug=True`` for that assert
    only; the loss kernel does not check), and writes ``s`` to a 0-d tensor the loss kernel reads: ``1 / max(1,
-   #valid)`` for ``"mean"``, ``1 / sum_i a_i`` (0 when that is 0) for ``"weighted_mean"``, 1 otherwise. It also
+   #valid)`` for ``"mean"``, ``1 / sum_i a_i`` (0 when that is 0) for ``"weighted_mean"``, 1 otherwise (a given
+   scale, e.g. a ``normalizer`` or the chunked linear path's, replaces it and the launch only checks). It also
    writes the first bad row (``n_rows`` when none), which the host reads where that is free: under the interpreter
    (CPU tensors), where it raises the CPU's ``IndexError``.
 2. the loss kernel (``_triton_kernels``), reading ``s`` on the device.
@@ -80,19 +81,17 @@ def _guard(t: Tensor):
 def reduction_scale(target: Tensor, weight: Tensor, num_classes: int, ignore_index: int, reduction: str,
                     cdtype: torch.dtype, scale: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """``(s, first_bad)``: the normaliser the loss kernel reads and the 1-element tensor of the first bad row
-    (``n_rows`` for none), from one launch; a given ``scale`` (its caller checked the targets) is only converted to
-    ``cdtype``, with ``first_bad`` None."""
-    if scale is not None:
-        return scale.to(cdtype), None
+    (``n_rows`` for none), from one launch that checks every target. A given ``scale`` replaces the reduction's
+    normaliser (converted to ``cdtype``); the launch then only checks the targets."""
     from ._triton import compile_options
 
     s = torch.empty((), dtype=cdtype, device=target.device)
     bad = torch.empty(1, dtype=torch.int32, device=target.device)
+    code = NONE if scale is not None else _REDUCTION_CODE.get(reduction, NONE)
     with _guard(target):
         reduction_scale_kernel[(1,)](target, weight, s, bad, target.shape[0], num_classes, ignore_index,
-                                     REDUCTION=_REDUCTION_CODE.get(reduction, NONE), BLOCK=BLOCK,
-                                     **compile_options(NUM_WARPS))
-    return s, bad
+                                     REDUCTION=code, BLOCK=BLOCK, **compile_options(NUM_WARPS))
+    return (s if scale is None else scale.to(cdtype)), bad
 
 
 def reduce_rows(rows: Tensor, s: Tensor) -> Tensor:

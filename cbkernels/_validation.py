@@ -70,6 +70,36 @@ def check_logits_target(logits: Tensor, target: Tensor) -> None:
     # The values (each target in [0, C) or ignore_index) are checked by the op itself, in the pass that reads them.
 
 
+def normalizer_scale(normalizer, reduction: str, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:
+    """The op's scale for a ``normalizer`` (SPEC section 12): ``1 / normalizer`` as a 0-d ``dtype`` tensor on
+    ``device``, or None without one. A tensor normaliser is never read on the host off the CPU (and inside a
+    compiled graph a non-positive one is a device-side assert); a number is checked here."""
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer applies to reduction='mean' only (it replaces the number of counted rows), "
+                         f"got reduction={reduction!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
+        if normalizer.device != device:
+            raise ValueError(f"normalizer is on {normalizer.device} but logits are on {device}")
+        n = normalizer.detach().to(dtype)
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(n > 0):
+                raise ValueError(f"normalizer must be > 0, got {n.item()!r}")
+        else:
+            torch._assert_async(n > 0, "cbkernels: normalizer must be > 0")
+        return 1.0 / n
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
+    if not math.isfinite(normalizer) or normalizer <= 0:
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+    return torch.full((), 1.0 / float(normalizer), dtype=dtype, device=device)  # a fill: no host-to-device copy
+
+
 def check_inplace(logits: Tensor) -> None:
     """``inplace_backward=True`` writes each element's gradient over that element: elements sharing memory (an
     expanded tensor, a stride-0 dim) would be written by several rows at once, concurrently on a GPU. O(ndim)."""

@@ -44,6 +44,7 @@ from ._torch_stages import (
     softmax_grad_,
     softmax_row_stage,
 )
+from .weights import ReweightMixin
 
 # Smallest default chunk: below ~64 rows the two gradient matmuls run far from peak and the rank-R
 # update of the V x H accumulator becomes memory-bound (it reads and writes V*H floats per chunk).
@@ -434,9 +435,10 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
 class _LinearCBLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], target: Tensor, weight: Tensor,
-                cfg: _Config) -> Tensor:
+                cfg: _Config, scale: Optional[Tensor] = None) -> Tensor:
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        scale = reduction_scale(target, weight, cfg.spec, loss_dtype(hidden.dtype))
+        if scale is None:  # a normalizer's scale replaces the reduction's (SPEC section 12)
+            scale = reduction_scale(target, weight, cfg.spec, loss_dtype(hidden.dtype))
         ctx.cfg, ctx.want = cfg, want
         if cfg.spec.reduction == "none":
             loss = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg, (False, False, False))[0]
@@ -470,7 +472,7 @@ class _LinearCBLossFunction(torch.autograd.Function):
             gh, gw, gb = (None if g is None else g.mul_(grad_output) for g in grads)
         if torch.is_grad_enabled():
             gh, gw, gb = (None if g is None else refuse_double_backward(g) for g in (gh, gw, gb))
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,6 +497,7 @@ def linear_cb_loss(
     process_group=None,
     backend: str = "auto",
     allow_retain_graph: bool = False,
+    normalizer=None,
 ) -> Tensor:
     """Class-balanced loss of the logits ``hidden @ lm_weight.T + bias``, never materialising them.
 
@@ -518,6 +521,7 @@ def linear_cb_loss(
         allow_retain_graph: keep the precomputed gradients through backward (out-of-place scaling, one
             transient gradient-sized copy) so that ``retain_graph=True`` / repeated ``autograd.grad``
             work. Default: scaled in place and handed over.
+        normalizer: as in ``class_balanced_loss`` (``reduction="mean"`` only): the sum is divided by it.
 
     Returns:
         float32 loss (float64 for float64 inputs): ``hidden.shape[:-1]`` for ``reduction="none"``,
@@ -558,15 +562,18 @@ def linear_cb_loss(
     n = math.prod(lead)
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, hidden_size, vocab)
     cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard)
-    loss = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w, cfg)
+    scale = V.normalizer_scale(normalizer, spec.reduction, hidden.device, loss_dtype(hidden.dtype))
+    loss = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w, cfg,
+                                       scale)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
-class LinearClassBalancedLoss(nn.Module):
+class LinearClassBalancedLoss(ReweightMixin, nn.Module):
     """Module form of ``linear_cb_loss``: class weights computed once (float64, stored float32) and kept
     as a buffer ``weight`` ``[V]`` (the global vocabulary, also in vocab-parallel mode).
 
-    ``loss = crit(hidden, lm_weight, target, bias=None)``.
+    ``loss = crit(hidden, lm_weight, target, bias=None, normalizer=None)``; ``reweight(counts, beta=...)`` recomputes
+    the weights in place.
 
     Args:
         samples_per_class: ``[V]`` counts over the whole training set.
@@ -580,27 +587,26 @@ class LinearClassBalancedLoss(nn.Module):
                  chunk_size: Optional[int] = None, process_group=None, backend: str = "auto", *,
                  normalize: bool = True, zero_count: str = "error", allow_retain_graph: bool = False):
         super().__init__()
-        from .weights import class_balanced_weights
-
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
         V.check_backend(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 (or None), got {chunk_size!r}")
-        self.register_buffer("weight", class_balanced_weights(samples_per_class, beta=beta, normalize=normalize,
-                                                              zero_count=zero_count))
+        self.register_buffer("weight", self._init_counts(samples_per_class, beta, normalize, zero_count))
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.chunk_size, self.process_group, self.backend = chunk_size, process_group, backend
         self.allow_retain_graph = allow_retain_graph
 
-    def forward(self, hidden: Tensor, lm_weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, hidden: Tensor, lm_weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                normalizer=None) -> Tensor:
         return linear_cb_loss(hidden, lm_weight, target, loss_type=self.loss_type, gamma=self.gamma,
                               weight=self.weight, bias=bias, reduction=self.reduction,
                               ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                               chunk_size=self.chunk_size, process_group=self.process_group,
-                              backend=self.backend, allow_retain_graph=self.allow_retain_graph)
+                              backend=self.backend, allow_retain_graph=self.allow_retain_graph,
+                              normalizer=normalizer)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "

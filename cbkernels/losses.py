@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from . import _autograd
 from . import _validation as V
 from ._backends import resolve_backend
+from ._opdefs import loss_dtype
+from .weights import ReweightMixin
 
 
 def class_balanced_loss(
@@ -34,6 +36,7 @@ def class_balanced_loss(
     label_smoothing: float = 0.0,
     inplace_backward: bool = False,
     backend: str = "auto",
+    normalizer=None,
 ) -> Tensor:
     """Class-balanced loss of any ``loss_type`` ("softmax", "sigmoid", "focal", "softmax_focal").
 
@@ -42,6 +45,9 @@ def class_balanced_loss(
     divides by the number of non-ignored rows, ``"weighted_mean"`` by ``sum_i a_i``, ``"sum"``,
     ``"none"``. ``label_smoothing`` applies to ``"softmax"`` only; ``gamma`` to the focal losses.
     ``inplace_backward=True`` writes the gradient over the logits buffer (the logits are destroyed).
+    ``normalizer`` (``reduction="mean"`` only; a number > 0 or a 0-d tensor on the logits' device): divide the sum by
+    it instead of the number of counted rows (SPEC section 12): e.g. the counted rows of every micro-batch of one
+    optimizer step (Hugging Face's ``num_items_in_batch``), or ``distributed_normalizer(...)`` under data parallel.
     """
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                        reduction=reduction)
@@ -50,47 +56,50 @@ def class_balanced_loss(
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
+    scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
     return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
-                                         inplace_backward)
+                                         inplace_backward, scale)
 
 
-def _module_call(logits: Tensor, target: Tensor, weight: Tensor, spec, backend: str, inplace_backward: bool) -> Tensor:
+def _module_call(logits: Tensor, target: Tensor, weight: Tensor, spec, backend: str, inplace_backward: bool,
+                 normalizer=None) -> Tensor:
     """``class_balanced_loss`` for a module whose options were checked when it built ``spec``: the same checks of the
     tensors, in the same order, without rebuilding the spec (``ClassBalancedLoss.forward``)."""
     V.check_logits_target(logits, target)
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
     w = V.given_weight(weight, logits.shape[-1], logits.device)
+    scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
     return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
-                                         inplace_backward)
+                                         inplace_backward, scale)
 
 
 def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                             inplace_backward=False, backend="auto") -> Tensor:
+                             inplace_backward=False, backend="auto", normalizer=None) -> Tensor:
     """Class-balanced softmax cross-entropy ``a_i [(1-eps)(lse_i - z_iy) + eps/C sum_j (lse_i - z_ij)]``.
 
     See ``class_balanced_loss`` for the arguments; SPEC sections 3-5 for the formulas.
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax", beta=beta, weight=weight,
                                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               inplace_backward=inplace_backward, backend=backend)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
 
 
 def cb_sigmoid_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, inplace_backward=False,
-                             backend="auto") -> Tensor:
+                             backend="auto", normalizer=None) -> Tensor:
     """Class-balanced sigmoid cross-entropy ``a_i sum_j [softplus(z_ij) - t_ij z_ij]`` (one-vs-all).
 
     See ``class_balanced_loss`` for the arguments.
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="sigmoid", beta=beta, weight=weight,
                                reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
 
 
 def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
-             reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto") -> Tensor:
+             reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto", normalizer=None) -> Tensor:
     """The paper's CB_focal: ``a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij]``, sigmoid focal modulator
     ``m_ij = (1-p)^gamma`` on the target and ``p^gamma`` elsewhere, ``p = sigmoid(z_ij)``.
 
@@ -98,23 +107,25 @@ def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, w
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="focal", beta=beta, gamma=gamma,
                                weight=weight, reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
 
 
 def cb_softmax_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
-                     reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto") -> Tensor:
+                     reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto",
+                     normalizer=None) -> Tensor:
     """Class-balanced softmax focal loss ``a_i (1 - P_i)^gamma (lse_i - z_iy)``, ``P_i = softmax(z_i)_y``.
 
     See ``class_balanced_loss`` for the arguments.
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax_focal", beta=beta,
                                gamma=gamma, weight=weight, reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
 
 
-class ClassBalancedLoss(nn.Module):
+class ClassBalancedLoss(ReweightMixin, nn.Module):
     """Module form of ``class_balanced_loss``: the class weights are computed once (float64, stored
-    float32) and kept as a buffer ``weight`` that moves with ``.to(device)``.
+    float32) and kept as a buffer ``weight`` that moves with ``.to(device)``; ``reweight(counts, beta=...)``
+    recomputes them in place. ``loss = crit(logits, target, normalizer=None)``.
 
     Args:
         samples_per_class: ``[C]`` counts over the whole training set.
@@ -128,20 +139,17 @@ class ClassBalancedLoss(nn.Module):
                  backend: str = "auto", *, normalize: bool = True, zero_count: str = "error",
                  inplace_backward: bool = False):
         super().__init__()
-        from .weights import class_balanced_weights
-
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
         V.check_backend(backend)
-        w = class_balanced_weights(samples_per_class, beta=beta, normalize=normalize, zero_count=zero_count)
-        self.register_buffer("weight", w)
+        self.register_buffer("weight", self._init_counts(samples_per_class, beta, normalize, zero_count))
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.backend, self.inplace_backward = backend, inplace_backward
         self._spec_key = None  # (options) the cached spec was built from; see forward
         self._spec = None
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, normalizer=None) -> Tensor:
         # The spec is rebuilt (and the options checked) only when an option attribute changed since the last call.
         key = (self.loss_type, self.gamma, self.reduction, self.ignore_index, self.label_smoothing, self.backend)
         if key != getattr(self, "_spec_key", None):  # (absent on a module pickled before it existed)
@@ -149,7 +157,7 @@ class ClassBalancedLoss(nn.Module):
                                ignore_index=self.ignore_index, reduction=self.reduction)
             V.check_backend(self.backend)
             self._spec, self._spec_key = spec, key
-        return _module_call(logits, target, self.weight, self._spec, self.backend, self.inplace_backward)
+        return _module_call(logits, target, self.weight, self._spec, self.backend, self.inplace_backward, normalizer)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -115,3 +115,35 @@ def beta_from_num_samples(num_samples: int) -> float:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     return (num_samples - 1) / num_samples
+
+
+class ReweightMixin:
+    """``reweight()`` for a loss module holding its class weights in the buffer ``weight`` (SPEC section 13)."""
+
+    def _init_counts(self, samples_per_class, beta: float, normalize: bool, zero_count: str) -> torch.Tensor:
+        """The module's weights; keeps the counts (a non-persistent float64 buffer) for ``reweight``."""
+        w = class_balanced_weights(samples_per_class, beta=beta, normalize=normalize, zero_count=zero_count)
+        self.normalize, self.zero_count = normalize, zero_count
+        self.register_buffer("class_counts", _counts_tensor(samples_per_class).to(w.device), persistent=False)
+        return w
+
+    @torch.no_grad()
+    def reweight(self, samples_per_class: Optional[Counts] = None, *, beta: Optional[float] = None):
+        """Recomputes the class weights in place from new counts and/or a new ``beta`` (deferred re-weighting:
+        ``beta=0`` gives the plain loss for the first epochs, a later call the class-balanced one).
+
+        The ``weight`` buffer stays the same tensor (its values are copied over), so an optimizer, a ``state_dict``
+        and a ``torch.compile``d graph that captured it stay valid and see the new weights without recompiling.
+        ``samples_per_class`` (``[C]``, e.g. ``ClassCounter(...).counts``) keeps the module's classes; it is read
+        on the host once (a sync for device counts: call it between steps, not inside one). Returns the module.
+        """
+        counts = self.class_counts if samples_per_class is None else _counts_tensor(samples_per_class)
+        if counts.shape != self.weight.shape:
+            raise ValueError(f"samples_per_class has {counts.shape[0]} classes but the module has "
+                             f"{self.weight.shape[0]}")
+        beta = self.beta if beta is None else check_beta(beta)
+        w = class_balanced_weights(counts, beta=beta, normalize=self.normalize, zero_count=self.zero_count)
+        self.weight.copy_(w)
+        self.class_counts = counts.to(device=self.weight.device, dtype=torch.float64)
+        self.beta = beta
+        return self

@@ -33,12 +33,12 @@ using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
                                                    c10::string_view, bool);
 
 std::tuple<at::Tensor, at::Tensor> loss_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                            const at::Tensor& weight, int64_t loss_type, double gamma,
-                                            double label_smoothing, int64_t ignore_index, c10::string_view reduction,
-                                            bool compute_grad) {
+                                            const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                                            int64_t loss_type, double gamma, double label_smoothing,
+                                            int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("cbkernels::cb_loss_fwd", "").typed<FwdSig>();
-  return op.call(logits, target, weight, std::nullopt, loss_type, gamma, label_smoothing, ignore_index, reduction,
+  return op.call(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, reduction,
                  compute_grad);
 }
 
@@ -55,10 +55,11 @@ bool readable_on_host(const at::Tensor& t) {
 class CBLoss : public torch::autograd::Function<CBLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                            const at::Tensor& weight, int64_t loss_type, double gamma, double label_smoothing,
-                            int64_t ignore_index, const std::string& reduction, bool want_grad) {
-    auto [loss, grad] =
-        loss_fwd(logits, target, weight, loss_type, gamma, label_smoothing, ignore_index, reduction, want_grad);
+                            const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t loss_type,
+                            double gamma, double label_smoothing, int64_t ignore_index, const std::string& reduction,
+                            bool want_grad) {
+    auto [loss, grad] = loss_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
+                                 reduction, want_grad);
     if (want_grad) ctx->save_for_backward({grad});
     ctx->saved_data["per_row"] = reduction == "none";
     return loss;
@@ -83,26 +84,26 @@ class CBLoss : public torch::autograd::Function<CBLoss> {
       torch::autograd::DelayedError node(kNoDoubleBackward, 1);
       grad = node.apply({grad.detach().requires_grad_()})[0];
     }
-    return {grad,        at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+    return {grad,         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor cb_loss_autograd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                            int64_t loss_type, double gamma, double label_smoothing, int64_t ignore_index,
-                            c10::string_view reduction) {
+                            const std::optional<at::Tensor>& scale, int64_t loss_type, double gamma,
+                            double label_smoothing, int64_t ignore_index, c10::string_view reduction) {
   // Whether backward can reach the logits (autograd runs forward with grad mode off: decided here).
   const bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
-  return CBLoss::apply(logits, target, weight, loss_type, gamma, label_smoothing, ignore_index,
+  return CBLoss::apply(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
                        std::string(reduction), want_grad);
 }
 
 // Below autograd (inference mode, or a caller that dispatches past it): the loss alone.
 at::Tensor cb_loss_no_grad(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                           int64_t loss_type, double gamma, double label_smoothing, int64_t ignore_index,
-                           c10::string_view reduction) {
+                           const std::optional<at::Tensor>& scale, int64_t loss_type, double gamma,
+                           double label_smoothing, int64_t ignore_index, c10::string_view reduction) {
   return std::get<0>(
-      loss_fwd(logits, target, weight, loss_type, gamma, label_smoothing, ignore_index, reduction, false));
+      loss_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, reduction, false));
 }
 
 }  // namespace
