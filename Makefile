@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel by default; e.g. `make setup TORCH_SPEC='torch==2.11.0'` for another build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,triton,plot,examples
+EXTRAS ?= test,triton,plot,examples,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup test bench lint gpu-build-check dist-check clean
