@@ -176,3 +176,13 @@ def test_trainer_with_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_import_cbkernels_does_not_import_transformers():
     code = "import sys, cbkernels; assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_hf_step_benchmark_script_runs(tmp_path):
+    """benchmarks/bench_hf.py --quick end to end (its figures are for the README, never asserted here)."""
+    from benchmarks import bench_hf
+
+    assert bench_hf.main(["--quick", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("hf_step_cpu_fp32_quick.md")
+    text = md.read_text()
+    assert all(f"| {p} |" in text for p in bench_hf.PROVIDERS)
