@@ -91,3 +91,25 @@ def test_cifar_call_is_few_ops_and_no_host_read(backend, reduction):
         loss.backward(go)
     assert len(fwd.compute_ops()) <= 3 and not fwd.host_reads("cuda"), fwd.ops
     assert len(bwd.compute_ops()) <= 1 and not bwd.host_reads("cuda"), bwd.ops
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_normalizer_and_distributed_normalizer_never_sync(backend):
+    # SPEC section 12 on the device: a tensor normalizer (and the single-process distributed_normalizer) is never
+    # read on the host; the counter's update neither.
+    z, target, counts = _inputs(256, 1000, torch.float32)
+    w = cb.class_balanced_weights(counts).cuda()
+    n = cb.distributed_normalizer(target)
+    counter = cb.ClassCounter(1000, device="cuda")
+    cb.cb_focal(z, target, weight=w, backend=backend, normalizer=n).backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            n = cb.distributed_normalizer(target)
+            cb.cb_focal(z, target, weight=w, backend=backend, normalizer=n).backward()
+            counter.update(target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    valid = target[target != -100]
+    torch.testing.assert_close(counter.counts.cpu(), 2 * torch.bincount(valid.cpu(), minlength=1000))
