@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ._torch_stages import check_targets
+
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -94,15 +96,8 @@ class ClassCounter(nn.Module):
         if target.dtype not in INDEX_DTYPES:
             raise TypeError(f"target must hold integer class indices or multi-hot floats, got {target.dtype}")
         t = target.reshape(-1).long()
-        valid = t != self.ignore_index
-        bad = valid & ((t < 0) | (t >= c))
-        if t.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(bad.any()):
-                value = int(t[bad][0])
-                raise IndexError(f"target holds {value}, outside [0, {c}) and not ignore_index={self.ignore_index}")
-        else:
-            torch._assert_async(~bad.any(), "cbkernels: target outside [0, C) and not ignore_index")
-        keep = valid & ~bad
+        check_targets(t, c, self.ignore_index)  # the losses' check and error: IndexError on the CPU, else an assert
+        keep = (t != self.ignore_index) & (t >= 0) & (t < c)  # a bad row (already asserted) never indexes
         # index_add_ over every row (ignored ones add 0 at class 0): no boolean indexing, so no host sync.
         self.counts.index_add_(0, torch.where(keep, t, torch.zeros_like(t)), keep.to(torch.int64))
         return self
