@@ -83,7 +83,7 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
         op = torch.ops.cbkernels.cb_loss_fwd_triton if provider == "triton-kernel" else torch.ops.cbkernels.cb_loss_fwd
 
         def step():  # the loss kernel alone: a given scale and per-row losses (no normaliser or reduction launch)
-            op(logits, target, weight, scale, lt, GAMMA, 0.0, -100, "none", True)
+            op(logits, target, weight, scale, lt, GAMMA, 0.0, -100, True)
 
         return step
     x = logits.detach().clone().requires_grad_(True)

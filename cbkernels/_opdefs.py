@@ -1,12 +1,14 @@
 """The cbkernels ops, defined once: loss-type codes, the loss specification, every op's schema and fake.
 
 A leaf module (it imports only torch). Every backend computes the same op over 2-D logits ``[N, C]``, with one
-argument list: the tensors, then the op fields of ``LossSpec`` in declaration order, then ``compute_grad``::
+argument list: the tensors, the fields of ``LossSpec`` in declaration order, ``compute_grad`` before the trailing
+fields (added later, with defaults: a call written for the older schema means what it meant)::
 
     cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, float gamma,
-                        float label_smoothing, int ignore_index, str reduction, bool compute_grad) -> (Tensor, Tensor)
+                        float label_smoothing, int ignore_index, bool compute_grad, str reduction="none")
+                        -> (Tensor, Tensor)
     cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, int loss_type,
-                                float gamma, float label_smoothing, int ignore_index, str reduction) -> Tensor
+                                float gamma, float label_smoothing, int ignore_index, str reduction="none") -> Tensor
 
 One op call is the whole forward of a loss (SPEC sections 2-5): it checks the targets (a value outside ``[0, C)``
 that is not ``ignore_index`` raises ``IndexError`` on the CPU, fails a device-side assert on a GPU), computes the
@@ -31,50 +33,73 @@ LOSS_TYPES = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "focal": FOCAL, "softmax_f
 
 class LossSpec(NamedTuple):
     """What one loss call computes besides its tensors (SPEC sections 3-5), built and validated once at the API edge
-    by ``_validation.loss_spec`` and carried unchanged down to each op wrapper, which flattens it (``op_args``).
+    by ``_validation.loss_spec`` and carried unchanged down to each op wrapper, which flattens it (``op_args``,
+    ``fwd_args``).
 
     Immutable Python scalars, so ``torch.compile`` treats a spec as a constant (a NamedTuple rather than a frozen
-    dataclass: every call builds one, in 0.2 us instead of 0.8). The op fields come first, in schema order (same
-    name, schema type from the annotation); the host-only ones (``HOST_FIELDS``) after them. A field's default is
-    the option switched off.
+    dataclass: every call builds one, in 0.2 us instead of 0.8). Every field is an op argument of the same name,
+    schema type from the annotation. The ``TRAILING_FIELDS`` were added to the ops after their first release: they
+    come last in every schema (after ``compute_grad``) with their default, so calls written for the older schema
+    still mean what they meant. A field's default is the option switched off.
     """
 
     loss_type: int  # a value of LOSS_TYPES
     gamma: float = 0.0  # focal exponent (focal losses only)
     label_smoothing: float = 0.0  # eps (softmax only)
     ignore_index: int = -100
-    reduction: str = "none"  # one of REDUCTIONS; "none" returns the per-row losses
+    reduction: str = "none"  # one of REDUCTIONS; "none" returns the per-row losses (trailing)
 
     def op_args(self) -> tuple:
-        """The op fields' values, in schema order."""
-        return self[:_NUM_OP_FIELDS]
+        """The fields' values in the order of ``cb_loss_fwd_inplace`` and ``cb_loss`` (no ``compute_grad``)."""
+        return tuple(self)
+
+    def fwd_args(self, compute_grad: bool) -> tuple:
+        """The scalar arguments of ``cb_loss_fwd``: the leading fields, ``compute_grad``, the trailing fields."""
+        return (*self[:_NUM_LEADING], compute_grad, *self[_NUM_LEADING:])
 
     @classmethod
     def from_op_args(cls, args) -> "LossSpec":
-        """The spec back from an op's flat scalar arguments (the host-only fields at their defaults)."""
+        """The spec back from the flat scalar arguments of ``cb_loss_fwd_inplace`` / ``cb_loss``."""
         return cls(*args)
 
+    @classmethod
+    def from_fwd_args(cls, args) -> Tuple["LossSpec", bool]:
+        """``(spec, compute_grad)`` back from the flat scalar arguments of ``cb_loss_fwd``."""
+        return cls(*args[:_NUM_LEADING], *args[_NUM_LEADING + 1:]), bool(args[_NUM_LEADING])
 
-HOST_FIELDS = ()  # fields read on the host only, never passed to a kernel (none today)
+
+TRAILING_FIELDS = ("reduction",)  # added after the ops' first schema: last, with defaults
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
-OP_FIELDS = LossSpec._fields[: len(LossSpec._fields) - len(HOST_FIELDS)]
-_NUM_OP_FIELDS = len(OP_FIELDS)
-if set(LossSpec._fields[_NUM_OP_FIELDS:]) != set(HOST_FIELDS):
-    raise TypeError("LossSpec: the host-only fields must come after the op fields")
+_NUM_LEADING = len(LossSpec._fields) - len(TRAILING_FIELDS)
+if LossSpec._fields[_NUM_LEADING:] != TRAILING_FIELDS:
+    raise TypeError("LossSpec: the trailing fields must come last")
 # Keyed by the annotations' classes (so: no __future__ import here).
 _SCHEMA_TYPE = {int: "int", float: "float", bool: "bool", str: "str"}
-# The spec's part of every op schema: "int loss_type, float gamma, float label_smoothing, int ignore_index,
-# str reduction".
-SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPE[LossSpec.__annotations__[name]]} {name}" for name in OP_FIELDS)
+
+
+def _schema_args(names, defaults: bool) -> str:
+    out = []
+    for name in names:
+        arg = f"{_SCHEMA_TYPE[LossSpec.__annotations__[name]]} {name}"
+        if defaults:
+            default = LossSpec._field_defaults[name]
+            arg += f'="{default}"' if isinstance(default, str) else f"={default}"
+        out.append(arg)
+    return ", ".join(out)
+
+
+# "int loss_type, float gamma, float label_smoothing, int ignore_index" and 'str reduction="none"'.
+LEADING_SCHEMA = _schema_args(LossSpec._fields[:_NUM_LEADING], defaults=False)
+TRAILING_SCHEMA = _schema_args(TRAILING_FIELDS, defaults=True)
 
 
 def schemas(suffix: str) -> Tuple[str, str]:
     """The forward and in-place forward schemas of the ops ``cb_loss_fwd<suffix>``, ``cb_loss_fwd_inplace<suffix>``."""
     return (
-        f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}, "
-        "bool compute_grad) -> (Tensor, Tensor)",
-        f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}) "
-        "-> Tensor",
+        f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {LEADING_SCHEMA}, "
+        f"bool compute_grad, {TRAILING_SCHEMA}) -> (Tensor, Tensor)",
+        f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, "
+        f"{LEADING_SCHEMA}, {TRAILING_SCHEMA}) -> Tensor",
     )
 
 
@@ -88,19 +113,18 @@ def loss_shape(logits: Tensor, reduction: str) -> tuple:
     return tuple(logits.shape[:1]) if reduction == "none" else ()
 
 
-_REDUCTION_FIELD = OP_FIELDS.index("reduction")
-
-
 def fake_forward(logits: Tensor, target: Tensor, weight: Tensor, scale, *options) -> Tuple[Tensor, Tensor]:
-    """The fake kernel of every forward op (torch.compile, opcheck); ``options``: the op fields, ``compute_grad``."""
-    loss = logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
-    grad = logits.new_empty(logits.shape if options[-1] else (0,))
+    """The fake kernel of every forward op (torch.compile, opcheck); ``options``: its scalar arguments."""
+    spec, compute_grad = LossSpec.from_fwd_args(options)
+    loss = logits.new_empty(loss_shape(logits, spec.reduction), dtype=loss_dtype(logits.dtype))
+    grad = logits.new_empty(logits.shape if compute_grad else (0,))
     return loss, grad
 
 
 def fake_forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale, *options) -> Tensor:
     """The fake kernel of every in-place forward op: the loss (the gradient replaces the logits)."""
-    return logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
+    spec = LossSpec.from_op_args(options)
+    return logits.new_empty(loss_shape(logits, spec.reduction), dtype=loss_dtype(logits.dtype))
 
 
 LIB = torch.library.Library("cbkernels", "FRAGMENT")
@@ -134,7 +158,7 @@ def register_kernels(suffix: str, forward: Callable, forward_inplace: Callable, 
     op's flat arguments, turned back into a ``LossSpec`` here."""
 
     def fwd_kernel(logits, target, weight, scale, *options):
-        return forward(logits, target, weight, scale, LossSpec.from_op_args(options[:-1]), options[-1])
+        return forward(logits, target, weight, scale, *LossSpec.from_fwd_args(options))
 
     def fwd_inplace_kernel(logits, target, weight, scale, *options):
         return forward_inplace(logits, target, weight, scale, LossSpec.from_op_args(options))
@@ -150,12 +174,13 @@ def define_loss_op(*, _stacklevel: int = 1) -> None:
     <spec>) -> Tensor`` over 2-D logits, returning the loss of ``cb_loss_fwd``."""
     qualname = "cbkernels::cb_loss"
     if not _exists(qualname):
-        LIB.define(f"cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {SPEC_SCHEMA}) -> Tensor")
+        LIB.define(f"cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {LEADING_SCHEMA}, "
+                   f"{TRAILING_SCHEMA}) -> Tensor")
     elif not torch._C._dispatch_pystub(qualname, ""):
         return
 
     def fake(logits, target, weight, scale, *options):
-        return logits.new_empty(loss_shape(logits, options[_REDUCTION_FIELD]), dtype=loss_dtype(logits.dtype))
+        return fake_forward_inplace(logits, target, weight, scale, *options)
 
     torch.library.register_fake(qualname, fake, lib=LIB, _stacklevel=_stacklevel + 1)
 

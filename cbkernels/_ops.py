@@ -25,7 +25,7 @@ _opdefs.define_loss_op()
 _fwd = torch.ops.cbkernels.cb_loss_fwd.default
 _fwd_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace.default
 
-forward = _fwd  # (logits, target, weight, scale, *LossSpec.op_args(), compute_grad) -> (loss, grad)
+forward = _fwd  # (logits, target, weight, scale, *LossSpec.fwd_args(compute_grad)) -> (loss, grad)
 # (logits, target, weight, *LossSpec.op_args()) -> loss, differentiable (autograd in C++: csrc/cb_autograd.cpp).
 loss = torch.ops.cbkernels.cb_loss.default
 
@@ -45,7 +45,7 @@ def forward_inplace(logits: Tensor, *args) -> Tensor:
 def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: _opdefs.LossSpec,
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """The loss (``[N]`` or 0-d, see ``_opdefs``) and ``s * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``)."""
-    return _fwd(logits, target, weight, scale, *spec.op_args(), compute_grad)
+    return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad))
 
 
 def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor],

@@ -156,7 +156,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Ten
     """The backend's forward (see _backends): the op under torch.compile; in eager mode the function itself, which
     skips the op dispatch and the spec's flattening."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.op_args(), compute_grad)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad))
     return _forward(logits, target, weight, scale, spec, compute_grad)
 
 

@@ -294,7 +294,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Ten
              compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile, the function itself in eager mode."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.op_args(), compute_grad)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad))
     return _forward(logits, target, weight, scale, spec, compute_grad)
 
 

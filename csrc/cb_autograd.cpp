@@ -30,7 +30,7 @@ using torch::autograd::variable_list;
 
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&, int64_t, double, double, int64_t,
-                                                   c10::string_view, bool);
+                                                   bool, c10::string_view);
 
 std::tuple<at::Tensor, at::Tensor> loss_fwd(const at::Tensor& logits, const at::Tensor& target,
                                             const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -38,8 +38,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fwd(const at::Tensor& logits, const at::
                                             int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("cbkernels::cb_loss_fwd", "").typed<FwdSig>();
-  return op.call(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, reduction,
-                 compute_grad);
+  return op.call(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad,
+                 reduction);
 }
 
 constexpr const char* kNoDoubleBackward =

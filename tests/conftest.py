@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from cbkernels.reference import reference_loss
+# torch.compile's on-disk caches (AOTAutograd's, Inductor's) key a graph by what dynamo traced, which for the CPU
+# backend is the op cbkernels::cb_loss, not what its C++ autograd kernel expands to: a cache filled by another
+# version of the ops replays code written for their old schemas. The tests get a cache of their own per version of
+# the op definitions (a user-set TORCHINDUCTOR_CACHE_DIR wins).
+_ROOT = Path(__file__).resolve().parents[1]
+_OPS_VERSION = hashlib.sha256(b"".join((_ROOT / f).read_bytes() for f in (
+    "cbkernels/_opdefs.py", "csrc/cb_autograd.cpp", "csrc/cb_binding.h"))).hexdigest()[:12]
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"cbkernels-tests-inductor-{_OPS_VERSION}"))
+
+from cbkernels.reference import reference_loss  # noqa: E402  (after the cache directory is chosen)
 
 LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")

@@ -36,7 +36,7 @@ def _op_args(n, c, dtype, loss_type, *, gamma=0.5, eps=0.0, seed=0, target_dtype
     logits, target, counts = make_inputs(n, c, dtype=dtype, seed=seed, target_dtype=target_dtype)
     weight = cb.class_balanced_weights(counts, beta=0.99)
     scale = torch.tensor(1.0 / max(n, 1), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return logits, target, weight, scale, LOSS_IDS[loss_type], gamma, eps, -100, "none"
+    return logits, target, weight, scale, LOSS_IDS[loss_type], gamma, eps, -100
 
 
 def _loss_kw(loss_type, gamma=0.5):
@@ -98,7 +98,7 @@ def test_reduced_op_is_the_normalised_sum_of_rows(reduction, loss_type, backend)
     fwd = _ops().forward if backend == "cpu" else torch.ops.cbkernels.cb_loss_fwd_torch.default
     fwd_ip = _ops().forward_inplace if backend == "cpu" else torch.ops.cbkernels.cb_loss_fwd_inplace_torch.default
     for dtype in (torch.float32, torch.float64):
-        logits, target, weight, _, lt, gamma, eps, ii, _ = _op_args(57, 23, dtype, loss_type)
+        logits, target, weight, _, lt, gamma, eps, ii = _op_args(57, 23, dtype, loss_type)
         cdtype = dtype
         valid = target != ii
         if reduction == "mean":
@@ -107,8 +107,8 @@ def test_reduced_op_is_the_normalised_sum_of_rows(reduction, loss_type, backend)
             s = 1.0 / weight.double()[target[valid]].sum().to(cdtype)
         else:
             s = torch.ones((), dtype=cdtype)
-        rows, grad_rows = fwd(logits, target, weight, s, lt, gamma, eps, ii, "none", True)
-        loss, grad = fwd(logits, target, weight, None, lt, gamma, eps, ii, reduction, True)
+        rows, grad_rows = fwd(logits, target, weight, s, lt, gamma, eps, ii, True)  # the first schema's call
+        loss, grad = fwd(logits, target, weight, None, lt, gamma, eps, ii, True, reduction)
         assert loss.shape == () and loss.dtype == cdtype
         torch.testing.assert_close(grad, grad_rows, rtol=0, atol=0)  # the same s, the same bits
         expected = rows.double().sum() * s.double()
@@ -118,21 +118,21 @@ def test_reduced_op_is_the_normalised_sum_of_rows(reduction, loss_type, backend)
         loss_ip = fwd_ip(buf, target, weight, None, lt, gamma, eps, ii, reduction)
         assert torch.equal(loss_ip, loss) and torch.equal(buf, grad)
         for s_given in (torch.tensor(0.25, dtype=cdtype),):  # a given scale replaces the reduction's
-            loss_s, grad_s = fwd(logits, target, weight, s_given, lt, gamma, eps, ii, reduction, True)
+            loss_s, grad_s = fwd(logits, target, weight, s_given, lt, gamma, eps, ii, True, reduction)
             torch.testing.assert_close(grad_s, grad_rows * (s_given / s), rtol=4 * torch.finfo(dtype).eps, atol=0)
             torch.testing.assert_close(loss_s.double(), rows.double().sum() * 0.25, rtol=tol, atol=0)
         # No rows: every reduction of nothing is 0.
-        empty = fwd(logits[:0], target[:0], weight, None, lt, gamma, eps, ii, reduction, True)[0]
+        empty = fwd(logits[:0], target[:0], weight, None, lt, gamma, eps, ii, True, reduction=reduction)[0]
         assert empty.shape == () and empty.item() == 0.0
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "weighted_mean"])
 def test_opcheck_reduced(reduction):
     for loss_type in LOSS_TYPES:
-        logits, target, weight, scale, *rest, _ = _op_args(9, 37, torch.float32, loss_type)
+        logits, target, weight, scale, *rest = _op_args(9, 37, torch.float32, loss_type)
         for s in (None, scale):
             torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd.default,
-                                  (logits, target, weight, s, *rest, reduction, True))
+                                  (logits, target, weight, s, *rest, True, reduction))
             torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace.default,
                                   (logits.clone(), target, weight, s, *rest, reduction))
 

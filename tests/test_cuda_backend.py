@@ -42,7 +42,7 @@ PLANS = [(0, 0, 0), (1, 1, 0), (1, 4, 0), (1, 32, 0), (1, 64, 0), (1, 96, 0), (2
 
 def _forced(logits, target, weight, scale, loss_type, gamma, eps, ignore_index, compute_grad, path, tpr, splits):
     return torch.ops.cbkernels._cb_loss_fwd_cuda_forced_plan(logits, target, weight, scale, loss_type, gamma, eps,
-                                                              ignore_index, "none", compute_grad, path, tpr, splits)
+                                                              ignore_index, compute_grad, path, tpr, splits)
 
 
 def _kw(loss_type, gamma=0.5, eps=0.0):
@@ -114,7 +114,7 @@ def _torch_reference(logits, target, weight, scale, loss_type, gamma, eps, ignor
     """Per-row loss and scale * dl/dz from the torch backend in float64 (chunked: fine for large shapes)."""
     from cbkernels._torch_backend import forward
 
-    return forward(logits.double(), target, weight, scale.double(), loss_type, gamma, eps, ignore_index, "none", True)
+    return forward(logits.double(), target, weight, scale.double(), loss_type, gamma, eps, ignore_index, True)
 
 
 # ------------------------------------------------------------------------------------------ registration
@@ -185,7 +185,7 @@ def test_inplace_matches_out_of_place_bitwise(loss_type, dtype):
         logits, target, counts = make_inputs(*shape, dtype=dtype, seed=4, device=DEV)
         w = cb.class_balanced_weights(counts).to(DEV)
         scale = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
-        args = (target, w, scale, LOSS_IDS[loss_type], 1.7, 0.0, -100, "none")
+        args = (target, w, scale, LOSS_IDS[loss_type], 1.7, 0.0, -100)
         loss, grad = _ops.forward(logits, *args, True)
         loss_nograd, empty = _ops.forward(logits, *args, False)
         assert empty.shape == (0,) and torch.equal(loss, loss_nograd)
@@ -242,15 +242,15 @@ def test_large_shapes(loss_type, shape, dtype):
     lt, gamma = LOSS_IDS[loss_type], 1.7 if loss_type == "focal" else 0.5
     from cbkernels import _ops
 
-    loss, grad = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, "none", True)
-    again = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, "none", True)
+    loss, grad = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, True)
+    again = _ops.forward(logits, target, w, scale, lt, gamma, 0.0, -100, True)
     assert torch.equal(loss, again[0]) and torch.equal(grad, again[1])  # deterministic
     del again
     ref_loss, ref_grad = _torch_reference(logits, target, w, scale, lt, gamma, 0.0)
     _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, str(shape))
     del ref_grad
     ip = logits.clone()
-    loss_ip = _ops.forward_inplace(ip, target, w, scale, lt, gamma, 0.0, -100, "none")
+    loss_ip = _ops.forward_inplace(ip, target, w, scale, lt, gamma, 0.0, -100)
     assert torch.equal(loss_ip, loss) and torch.equal(ip, grad)
 
 
@@ -261,7 +261,7 @@ def test_sigmoid_large_shapes():
         scale = torch.tensor(1.0 / shape[0], device=DEV)
         from cbkernels import _ops
 
-        loss, grad = _ops.forward(logits, target, w, scale, 1, 0.0, 0.0, -100, "none", True)
+        loss, grad = _ops.forward(logits, target, w, scale, 1, 0.0, 0.0, -100, True)
         ref_loss, ref_grad = _torch_reference(logits, target, w, scale, 1, 0.0, 0.0)
         _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, str(shape))
 
@@ -356,7 +356,7 @@ def test_opcheck(loss_type, dtype):
     logits, target, counts = make_inputs(9, 37, dtype=dtype, seed=1, device=DEV)
     w = cb.class_balanced_weights(counts).to(DEV)
     scale = torch.tensor(0.25, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
-    rest = (target, w, scale, LOSS_IDS[loss_type], 0.5, 0.1 if loss_type == "softmax" else 0.0, -100, "none")
+    rest = (target, w, scale, LOSS_IDS[loss_type], 0.5, 0.1 if loss_type == "softmax" else 0.0, -100)
     for compute_grad in (True, False):
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd.default, (logits, *rest, compute_grad))
     torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace.default, (logits.clone(), *rest))
@@ -433,8 +433,7 @@ _BAD_TARGET = textwrap.dedent("""
     t = torch.randint(0, 10, (64,), device="cuda")
     t[17] = {value}
     if {direct}:
-        _ops.forward(z, t, torch.ones(10, device="cuda"), torch.ones((), device="cuda"), 2, 0.5, 0.0, -100, "none",
-                     True)
+        _ops.forward(z, t, torch.ones(10, device="cuda"), torch.ones((), device="cuda"), 2, 0.5, 0.0, -100, True)
     else:
         cb.cb_focal(z, t, backend="cuda").item()
     torch.cuda.synchronize()

@@ -58,8 +58,7 @@ def _scale(dtype, value=0.7):
 
 
 def _reference(logits, target, weight, scale, lt, gamma, eps):
-    return torch_forward(logits.double().contiguous(), target, weight, scale.double(), lt, gamma, eps, -100, "none",
-                         True)
+    return torch_forward(logits.double().contiguous(), target, weight, scale.double(), lt, gamma, eps, -100, True)
 
 
 def _check(loss, grad, ref_loss, ref_grad, dtype, what=""):

@@ -310,13 +310,13 @@ def test_custom_ops():
     scale = torch.tensor(0.5)
     for lt in range(4):
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_triton,
-                              (z, target, w, scale, lt, 0.5, 0.0, -100, "none", True))
+                              (z, target, w, scale, lt, 0.5, 0.0, -100, True))
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace_triton,
-                              (z.clone(), target, w, scale, lt, 0.5, 0.0, -100, "none"))
+                              (z.clone(), target, w, scale, lt, 0.5, 0.0, -100))
     # The whole call: the op's own normaliser and reduced loss (0-d).
     for reduction in ("mean", "weighted_mean", "sum"):
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_triton,
-                              (z, target, w, None, 3, 0.5, 0.0, -100, reduction, True))
+                              (z, target, w, None, 3, 0.5, 0.0, -100, True, reduction))
         torch.library.opcheck(torch.ops.cbkernels.cb_loss_fwd_inplace_triton,
                               (z.clone(), target, w, None, 2, 0.5, 0.0, -100, reduction))
 

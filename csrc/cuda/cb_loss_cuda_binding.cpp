@@ -108,8 +108,8 @@ void cb_loss_fwd_cuda_forced_plan(const c10::OperatorHandle& op, torch::jit::Sta
 TORCH_LIBRARY_FRAGMENT(cbkernels, m) {
   m.def(
       "_cb_loss_fwd_cuda_forced_plan(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, "
-      "float gamma, float label_smoothing, int ignore_index, str reduction, bool compute_grad, int path, "
-      "int threads_per_row, int splits) -> (Tensor, Tensor)");
+      "float gamma, float label_smoothing, int ignore_index, bool compute_grad, int path, int threads_per_row, "
+      "int splits, str reduction=\"none\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) {
