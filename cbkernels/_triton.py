@@ -246,8 +246,9 @@ def _prologue(z: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor]
     bad row is read back, free on the CPU, and raises as the CPU backend does)."""
     from . import _triton_reduce
 
-    s, bad = _triton_reduce.reduction_scale(target, weight, z.shape[1], spec.ignore_index, spec.reduction,
-                                            loss_dtype(z.dtype), scale)
+    # The kernel reads targets and weights with unit stride (a strided target, e.g. target[::2], is copied).
+    s, bad = _triton_reduce.reduction_scale(target.contiguous(), weight.contiguous(), z.shape[1], spec.ignore_index,
+                                            spec.reduction, loss_dtype(z.dtype), scale)
     if bad is not None and z.device.type == "cpu":
         row = int(bad[0])
         if row < z.shape[0]:

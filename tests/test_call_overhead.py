@@ -170,3 +170,25 @@ def test_triton_bad_target_raises_under_the_interpreter():
     for reduction in REDUCTIONS:
         with pytest.raises(IndexError, match=r"target holds 12, outside \[0, 10\)"):
             cb.cb_focal(logits, target, reduction=reduction, backend="triton")
+
+
+def _strided_target_case(backend):
+    logits, target, counts = make_inputs(16, 11, seed=6)
+    wide = torch.stack([target, torch.full_like(target, 10**6)], 1)  # a bad value between every two real ones
+    strided = wide[:, 0]
+    assert strided.stride(0) == 2
+    for reduction in REDUCTIONS:
+        ours = cb.cb_focal(logits, strided, counts, backend=backend, reduction=reduction)
+        ref = cb.cb_focal(logits, target, counts, backend="torch", reduction=reduction)
+        torch.testing.assert_close(ours, ref, rtol=2e-6, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs the compiled CPU backend")
+def test_strided_target_cpu():
+    # The in-op target check and normaliser read the targets the op was given, whatever their stride.
+    _strided_target_case("cpu")
+
+
+@pytest.mark.triton_interpreter
+def test_strided_target_triton():
+    _strided_target_case("triton")

@@ -410,10 +410,10 @@ def _run_two_ranks(worker, tmp_path, timeout_s):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    # fork where there is one: a spawned child re-imports torch and the test module, ~10x the work here.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: earlier tests in this process may have started torch.compile's worker threads and pools, and a
+    # child forked while one of them holds a lock can hang (tests/test_training.py's DDP test did once).
     ctx = mp.start_processes(worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=False,
-                             start_method=method)
+                             start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

@@ -168,6 +168,7 @@ def _ddp_worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)  # the same model on every rank (the single-process reference is built from it)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 11)).double()
         x = torch.randn(24, 8, generator=g, dtype=torch.float64)
         y = torch.randint(0, 11, (24,), generator=g)
@@ -203,9 +204,10 @@ def test_distributed_normalizer_gives_the_single_process_gradient_under_ddp(tmp_
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: earlier tests in this process may have started torch.compile's worker threads and pools, and
+    # a child forked while one of them holds a lock can hang (seen once in a full cold run).
     ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=False,
-                             start_method=method)
+                             start_method="spawn")
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
