@@ -201,17 +201,17 @@ CB_HOST_DEVICE void store_target_grad(const LogitTransform& tf, scalar_t* g, int
   g[y] = static_cast<scalar_t>(tf.grad(v, y));
 }
 
-// A row whose target does not count (cb_params.h): written as ignored, and recorded when its target is bad.
+// A row whose target does not count (cb_params.h): written as ignored. (A bad target never gets here: the binding
+// checks every target before any row is computed.)
 template <typename scalar_t>
-inline void skip_row(const CBLossParams& p, int64_t i, const IndexTarget& t, scalar_t* g, int64_t& bad) {
-  if (t.bad(p) && bad < 0) bad = i;
+inline void skip_row(const CBLossParams& p, int64_t i, scalar_t* g) {
   static_cast<acc_t<scalar_t>*>(p.loss)[i] = 0;
   if (g != nullptr) std::fill(g, g + p.num_classes, scalar_t(0));
 }
 
 // Sigmoid cross-entropy (G = kZero) and sigmoid focal: a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij].
 template <typename scalar_t, GammaKind G>
-CB_FLATTEN int64_t sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) {
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
   const int64_t C = p.num_classes;
@@ -219,13 +219,12 @@ CB_FLATTEN int64_t sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t en
   const Vec vgamma(gamma);
   const T scale = load_scale<T>(p);
   const LogitTransform tf = LogitTransform::from(p);
-  int64_t bad = -1;
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
     const IndexTarget t = index_target(p, i);
     if (!t.valid) {
-      skip_row(p, i, t, g, bad);
+      skip_row(p, i, g);
       continue;
     }
     const int64_t y = t.column;
@@ -247,13 +246,12 @@ CB_FLATTEN int64_t sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t en
     if (g != nullptr) store_target_grad(tf, g, y, -dly * k);
     static_cast<T*>(p.loss)[i] = a * (hsum(acc) + ly);
   }
-  return bad;
 }
 
 // Softmax cross-entropy (with label smoothing) and softmax focal. Three passes over the row: max,
 // exp (the only transcendental per element, kept for the gradient pass), gradient.
 template <typename scalar_t>
-CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) {
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
   const int64_t C = p.num_classes;
@@ -265,13 +263,12 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
   // they simply replace the logits already read), else in one float buffer per call, i.e. per thread.
   constexpr bool kExpsInGrad = std::is_same_v<scalar_t, T>;
   std::vector<T> buffer(p.grad != nullptr && !kExpsInGrad ? C : 0);
-  int64_t bad = -1;
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
     const IndexTarget t = index_target(p, i);
     if (!t.valid) {
-      skip_row(p, i, t, g, bad);
+      skip_row(p, i, g);
       continue;
     }
     const int64_t y = t.column;
@@ -312,11 +309,10 @@ CB_FLATTEN int64_t softmax_rows(const CBLossParams& p, int64_t begin, int64_t en
     for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) { store_grad(tf, g, j, load(e + j, n) * k1 - k0, n); });
     store_target_grad(tf, g, y, out.gy);
   }
-  return bad;
 }
 
 template <typename scalar_t>
-int64_t rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
+void rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
   if (p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal) return softmax_rows<scalar_t>(p, begin, end);
   switch (p.loss_type == kSigmoid ? GammaKind::kZero : gamma_kind(p.gamma)) {
     case GammaKind::kZero: return sigmoid_rows<scalar_t, GammaKind::kZero>(p, begin, end);
@@ -329,7 +325,7 @@ int64_t rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
 
 }  // namespace
 
-int64_t cb_loss_rows(const CBLossParams& p, int64_t begin, int64_t end) {
+void cb_loss_rows(const CBLossParams& p, int64_t begin, int64_t end) {
   switch (p.dtype) {
     case Dtype::kDouble: return rows_for_dtype<double>(p, begin, end);
     case Dtype::kHalf: return rows_for_dtype<c10::Half>(p, begin, end);
