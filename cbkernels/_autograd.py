@@ -29,20 +29,14 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
     if backend.name == "cpu" and not (inplace_backward and logits.requires_grad):
         flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
         z = logits if flat else logits.reshape(-1, logits.shape[-1])
-        loss = _cpu_loss_op()(z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
+        loss = _cpu_loss_op(z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
     return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale)
 
 
-_CPU_LOSS = []
-
-
-def _cpu_loss_op():
-    if not _CPU_LOSS:
-        from ._ops import loss
-
-        _CPU_LOSS.append(loss)
-    return _CPU_LOSS[0]
+def _cpu_loss_op(*args) -> Tensor:
+    """``cbkernels::cb_loss`` (its module ``_ops`` is loaded by resolving the ``cpu`` backend, before any call)."""
+    return torch.ops.cbkernels.cb_loss.default(*args)
 
 
 class CBLossFunction(torch.autograd.Function):

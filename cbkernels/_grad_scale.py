@@ -86,9 +86,16 @@ def scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
 
 
 def launch_variants() -> Iterator[dict]:
-    """Every (constexprs, num_warps) ``scale_`` launches, for the ahead-of-time build check."""
+    """Every (constexprs, num_warps) ``scale_`` launches, for the ahead-of-time build check; each carries its
+    signature (what the JIT specialises: allocator tensors are 16-byte aligned) and a label for the report."""
     for dtype, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
+        cdt = "fp64" if dtype == "fp64" else "fp32"
         for align in (1, 16 // itemsize):  # C and the row stride multiples of 16 bytes (16-byte accesses), or not
             for per_row in (False, True):
-                yield dict(kernel="grad_scale_kernel", dtype=dtype, align=align, num_warps=NUM_WARPS,
-                           constexprs=dict(PER_ROW=per_row, BLOCK=BLOCK[itemsize]))
+                yield dict(kernel="grad_scale_kernel", module=__name__, dtype=dtype, num_warps=NUM_WARPS,
+                           constexprs=dict(PER_ROW=per_row, BLOCK=BLOCK[itemsize]),
+                           signature={"grad_ptr": f"*{dtype}", "go_ptr": f"*{cdt}", "n_rows": "i32",
+                                      "n_cols": "i32", "stride_g": "i32"},
+                           divisible=["grad_ptr", "go_ptr"] + (["n_cols", "stride_g"] if align > 1 else []),
+                           label=f"align={align} grad_scale {'per-row' if per_row else 'scalar':7} "
+                                 f"block={BLOCK[itemsize]:<5}")

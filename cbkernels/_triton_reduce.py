@@ -106,16 +106,17 @@ def reduce_rows(rows: Tensor, s: Tensor) -> Tensor:
 
 def launch_variants() -> Iterator[dict]:
     """Every (constexprs, num_warps) these kernels launch with, for the ahead-of-time build check; each carries its
-    signature (what the JIT specialises: allocator tensors are 16-byte aligned)."""
+    signature (what the JIT specialises: allocator tensors are 16-byte aligned) and a label for the report."""
     for cdt in ("fp32", "fp64"):
         for target in ("i64", "i32"):
             for reduction in (NONE, MEAN, WEIGHTED_MEAN):
                 yield dict(kernel="reduction_scale_kernel", module=__name__, dtype=cdt, num_warps=NUM_WARPS,
                            options=dict(debug=True), constexprs=dict(REDUCTION=reduction, BLOCK=BLOCK),
+                           label=f"reduction_scale reduction={reduction} target={target} block={BLOCK}",
                            signature={"target_ptr": f"*{target}", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
                                       "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"},
                            divisible=["target_ptr", "weight_ptr", "scale_ptr", "bad_ptr"])
         yield dict(kernel="reduce_rows_kernel", module=__name__, dtype=cdt, num_warps=NUM_WARPS,
-                   constexprs=dict(BLOCK=BLOCK),
+                   constexprs=dict(BLOCK=BLOCK), label=f"reduce_rows block={BLOCK}",
                    signature={"loss_ptr": f"*{cdt}", "scale_ptr": f"*{cdt}", "out_ptr": f"*{cdt}", "n_rows": "i32"},
                    divisible=["loss_ptr", "scale_ptr", "out_ptr"])

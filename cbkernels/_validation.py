@@ -158,9 +158,7 @@ def class_weights(
         raise ValueError(f"samples_per_class has {w.shape[0]} classes but logits have C = {num_classes}")
     w = w.to(device)
     if key is not None:
-        _WEIGHT_CACHE[key] = (weakref.ref(owner) if owner is not None else None, w)
-        while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:
-            _WEIGHT_CACHE.popitem(last=False)
+        _cache_put(key, weakref.ref(owner) if owner is not None else None, w)
     return w
 
 
@@ -176,15 +174,20 @@ def _unit_weights(num_classes: int, device: torch.device) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ones(num_classes, dtype=torch.float32, device=device)
     key = ("ones", num_classes, device)
-    w = _WEIGHT_CACHE.get(key)
-    if w is None:
-        w = torch.ones(num_classes, dtype=torch.float32, device=device)
-        _WEIGHT_CACHE[key] = (None, w)
-        while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:
-            _WEIGHT_CACHE.popitem(last=False)
-        return w
-    _WEIGHT_CACHE.move_to_end(key)
-    return w[1]
+    hit = _WEIGHT_CACHE.get(key)
+    if hit is not None:
+        _WEIGHT_CACHE.move_to_end(key)
+        return hit[1]
+    w = torch.ones(num_classes, dtype=torch.float32, device=device)
+    _cache_put(key, None, w)
+    return w
+
+
+def _cache_put(key: tuple, owner_ref, w: Tensor) -> None:
+    """Stores ``(owner_ref, w)``, the least recently used entries leaving beyond ``_WEIGHT_CACHE_SIZE``."""
+    _WEIGHT_CACHE[key] = (owner_ref, w)
+    while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:
+        _WEIGHT_CACHE.popitem(last=False)
 
 
 def _counts_key(samples_per_class) -> tuple:

@@ -52,23 +52,20 @@ def class_balanced_loss(
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                        reduction=reduction)
     V.check_backend(backend)
-    V.check_logits_target(logits, target)
-    if inplace_backward and logits.requires_grad:
-        V.check_inplace(logits)
+    _check_tensors(logits, target, inplace_backward)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
-    scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
-    return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
-                                         inplace_backward, scale)
+    return _call(logits, target, w, spec, backend, inplace_backward, normalizer)
 
 
-def _module_call(logits: Tensor, target: Tensor, weight: Tensor, spec, backend: str, inplace_backward: bool,
-                 normalizer=None) -> Tensor:
-    """``class_balanced_loss`` for a module whose options were checked when it built ``spec``: the same checks of the
-    tensors, in the same order, without rebuilding the spec (``ClassBalancedLoss.forward``)."""
+def _check_tensors(logits: Tensor, target: Tensor, inplace_backward: bool) -> None:
     V.check_logits_target(logits, target)
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
-    w = V.given_weight(weight, logits.shape[-1], logits.device)
+
+
+def _call(logits: Tensor, target: Tensor, w: Tensor, spec, backend: str, inplace_backward: bool,
+          normalizer) -> Tensor:
+    """The checked call: the normaliser's scale, the backend, the one differentiable op."""
     scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
     return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
                                          inplace_backward, scale)
@@ -157,7 +154,10 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
                                ignore_index=self.ignore_index, reduction=self.reduction)
             V.check_backend(self.backend)
             self._spec, self._spec_key = spec, key
-        return _module_call(logits, target, self.weight, self._spec, self.backend, self.inplace_backward, normalizer)
+        # The options were checked when the spec was built: the tensors' checks, in class_balanced_loss's order.
+        _check_tensors(logits, target, self.inplace_backward)
+        w = V.given_weight(self.weight, logits.shape[-1], logits.device)
+        return _call(logits, target, w, self._spec, self.backend, self.inplace_backward, normalizer)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "

@@ -46,7 +46,7 @@ def triton_variants(quick: bool) -> list:
     from cbkernels._triton import launch_variants
 
     variants = list(launch_variants())
-    scale = list(_grad_scale_variants()) + list(_reduce_variants())  # few and small: always all of them
+    scale = list(_small_kernel_variants())  # few and small: always all of them
     if not quick:
         return variants + scale
     heavy = {(3, 4, False), (2, 4, False), (0, 0, True)}
@@ -80,23 +80,16 @@ def triton_variants(quick: bool) -> list:
     return keep + scale
 
 
-def _grad_scale_variants():
-    from cbkernels._grad_scale import launch_variants
+def _small_kernel_variants():
+    """The kernels around the loss kernel (backward scale, normaliser, reduction): each variant names its module,
+    signature and label."""
+    from cbkernels import _grad_scale, _triton_reduce
 
-    return launch_variants()
-
-
-def _reduce_variants():
-    from cbkernels._triton_reduce import launch_variants
-
-    return launch_variants()
+    return [*_grad_scale.launch_variants(), *_triton_reduce.launch_variants()]
 
 
 def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
     cdt = "fp64" if dtype == "fp64" else "fp32"
-    if kernel_name == "grad_scale_kernel":
-        sig = {"grad_ptr": f"*{dtype}", "go_ptr": f"*{cdt}", "n_rows": "i32", "n_cols": "i32", "stride_g": "i32"}
-        return sig, ["grad_ptr", "go_ptr"] + (["n_cols", "stride_g"] if align == VEC[dtype] else [])
     sig = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
            "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}",
            "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "stride_g": "i32", "cols_per_split": "i32"}
@@ -153,10 +146,10 @@ def _compile(kernel, variant: dict, arch: int):
     from triton.compiler import ASTSource
 
     consts = variant["constexprs"]
-    if "signature" in variant:  # variants that state their own (cbkernels._triton_reduce)
+    if "signature" in variant:  # the small kernels' variants state their own
         sig, divisible = dict(variant["signature"]), list(variant["divisible"])
     else:
-        sig, divisible = _signature(variant["kernel"], variant["dtype"], variant.get("align", consts.get("ALIGN")))
+        sig, divisible = _signature(variant["kernel"], variant["dtype"], consts["ALIGN"])
     sig.update({k: "constexpr" for k in consts})
     names = list(kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
@@ -176,8 +169,6 @@ def compile_triton_variant(job: tuple) -> dict:
         import importlib
 
         module = importlib.import_module(variant["module"])
-    elif variant["kernel"] == "grad_scale_kernel":
-        from cbkernels import _grad_scale as module
     else:
         module = _triton.kernels()
     kernel = getattr(module, variant["kernel"])
@@ -197,13 +188,8 @@ def compile_triton_variant(job: tuple) -> dict:
 
 def describe(v: dict) -> str:
     c = v["constexprs"]
-    if "module" in v:
-        extra = f" reduction={c['REDUCTION']} target={v['signature']['target_ptr'][1:]}" if "REDUCTION" in c else ""
-        return f"sm_{v['arch']} {v['dtype']:4} {v['kernel']}{extra} block={c['BLOCK']} warps={v['num_warps']}"
-    if v["kernel"] == "grad_scale_kernel":
-        kind = "per-row" if c["PER_ROW"] else "scalar"
-        return (f"sm_{v['arch']} {v['dtype']:4} align={v['align']} grad_scale {kind:7} "
-                f"block={c['BLOCK']:<5} warps={v['num_warps']:<2}")
+    if "label" in v:
+        return f"sm_{v['arch']} {v['dtype']:4} {v['label']} warps={v['num_warps']:<2}"
     if v["kernel"] == "cb_loss_split_finish_kernel":
         path = f"split-finish splits<={c['MAX_SPLITS']}"
     elif c["SPLIT"]:
