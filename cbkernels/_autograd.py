@@ -16,22 +16,34 @@ import torch
 from torch import Tensor
 
 from ._backends import Backend, get_backend, gpu_too_old
-from ._opdefs import LossSpec
-from ._torch_stages import refuse_double_backward
+from ._opdefs import NO_TENSORS, LogitTensors, LossSpec, loss_dtype
+from ._torch_stages import reduction_scale, refuse_double_backward
 
 
 def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend: Backend, spec: LossSpec,
-                        inplace_backward: bool, scale: Optional[Tensor] = None) -> Tensor:
+                        inplace_backward: bool, scale: Optional[Tensor] = None,
+                        tensors: LogitTensors = NO_TENSORS, return_z_loss: bool = False):
     """The differentiable call on a resolved backend: the compiled CPU backend's ``cb_loss`` op, whose autograd is
     C++ (one dispatch forward, no Python backward: csrc/cb_autograd.cpp), or ``CBLossFunction`` for every other
-    path (the other backends, and ``inplace_backward``, which hands the logits buffer to backward). ``scale``: a 0-d
-    normaliser on the logits' device replacing the reduction's (a ``normalizer`` of SPEC section 12)."""
-    if backend.name == "cpu" and not (inplace_backward and logits.requires_grad):
+    path (the other backends, ``inplace_backward``, which hands the logits buffer to backward, and
+    ``return_z_loss``). ``scale``: a 0-d normaliser on the logits' device replacing the reduction's (a
+    ``normalizer`` of SPEC section 12). ``tensors``: the ``[C]`` transform vectors (``z_rows`` unset).
+    ``return_z_loss``: returns ``(loss, z_term)``, the z-loss part of the loss under the same reduction, detached."""
+    if backend.name == "cpu" and not (inplace_backward and logits.requires_grad) and not return_z_loss:
         flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
         z = logits if flat else logits.reshape(-1, logits.shape[-1])
-        loss = _cpu_loss_op(z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
+        args = (z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
+        loss = _cpu_loss_op(*args) if tensors is NO_TENSORS else _cpu_loss_op(*args, *tensors[:2])
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
-    return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale)
+    loss, z_rows = CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale,
+                                        tensors, return_z_loss)
+    if not return_z_loss:
+        return loss
+    if spec.reduction == "none":
+        return loss, z_rows.reshape(logits.shape[:-1])
+    if scale is None:
+        scale = reduction_scale(target.reshape(-1), weight, spec, z_rows.dtype)
+    return loss, z_rows.sum() * scale.to(z_rows.dtype)
 
 
 def _cpu_loss_op(*args) -> Tensor:
@@ -42,27 +54,34 @@ def _cpu_loss_op(*args) -> Tensor:
 class CBLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, spec: LossSpec,
-                inplace_backward: bool, scale: Optional[Tensor] = None) -> Tensor:
+                inplace_backward: bool, scale: Optional[Tensor] = None, tensors: LogitTensors = NO_TENSORS,
+                return_z_loss: bool = False):
+        """``(loss, z_rows)``: ``z_rows`` ``[N]`` holds each row's z-loss term with ``return_z_loss`` (else it is
+        an empty tensor); not differentiable."""
         # One op call: it checks the targets, normalises, reduces and computes the gradient (_opdefs).
         loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
         z = logits.reshape(-1, logits.shape[-1])
         t = target.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
+        z_rows = logits.new_empty((z.shape[0] if return_z_loss else 0,), dtype=loss_dtype(logits.dtype))
+        if return_z_loss:
+            tensors = tensors._replace(z_rows=z_rows)
         if want_grad and inplace_backward:
-            loss = loss_fwd_inplace(z, t, weight, scale, spec)
+            loss = loss_fwd_inplace(z, t, weight, scale, spec, tensors)
             grad = z.detach()  # when reshape had to copy, the gradient lives in that copy and the logits stay intact
         else:
-            loss, grad = loss_fwd(z, t, weight, scale, spec, want_grad)
+            loss, grad = loss_fwd(z, t, weight, scale, spec, want_grad, tensors)
         ctx.lead_shape = lead_shape
         ctx.per_row = spec.reduction == "none"
         ctx.inplace_backward = bool(inplace_backward and want_grad)
         if want_grad:
             ctx.save_for_backward(grad)
-        return loss.reshape(lead_shape) if ctx.per_row else loss
+        ctx.mark_non_differentiable(z_rows)
+        return (loss.reshape(lead_shape) if ctx.per_row else loss), z_rows
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, _grad_z_rows=None):
         (grad,) = ctx.saved_tensors
         grad_output = grad_output.detach()
         go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.per_row else grad_output
@@ -79,7 +98,7 @@ class CBLossFunction(torch.autograd.Function):
             grad = grad * go
         if torch.is_grad_enabled():
             grad = refuse_double_backward(grad)
-        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None
+        return grad.reshape(*ctx.lead_shape, grad.shape[-1]), None, None, None, None, None, None, None, None
 
 
 def _traced(t: Tensor) -> bool:

@@ -5,10 +5,13 @@ argument list: the tensors, the fields of ``LossSpec`` in declaration order, ``c
 fields (added later, with defaults: a call written for the older schema means what it meant)::
 
     cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, float gamma,
-                        float label_smoothing, int ignore_index, bool compute_grad, str reduction="none")
-                        -> (Tensor, Tensor)
+                        float label_smoothing, int ignore_index, bool compute_grad, str reduction="none",
+                        float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, Tensor? logit_offset=None,
+                        Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> (Tensor, Tensor)
     cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, int loss_type,
-                                float gamma, float label_smoothing, int ignore_index, str reduction="none") -> Tensor
+                                float gamma, float label_smoothing, int ignore_index, str reduction="none",
+                                float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, Tensor? logit_offset=None,
+                                Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> Tensor
 
 One op call is the whole forward of a loss (SPEC sections 2-5): it checks the targets (a value outside ``[0, C)``
 that is not ``ignore_index`` raises ``IndexError`` on the CPU, fails a device-side assert on a GPU), computes the
@@ -19,11 +22,17 @@ rows) and ``s * dl/dz`` ``[N, C]`` in the logits' dtype (SPEC section 4; ``[0]``
 returns ``[l_i]`` for ``"none"``, else the 0-d ``s * sum_i l_i``, summed in a fixed order (equal inputs, equal
 bits). The in-place op writes the gradient over the logits.
 
+The logit transforms and the z-loss (SPEC sections 10-11): the loss is computed on
+``z' = logit_scale * (softcap * tanh(z / softcap) + logit_offset_j - target_margin_y [j == y])`` (softcap 0: none;
+a None vector: none) plus ``z_loss * lse(z')**2`` per counted row (softmax losses), and the gradient is with
+respect to the raw ``z``. ``z_rows`` (float32 / float64 ``[N]``, optional) receives each row's z-loss term
+``z_loss * lse(z')**2`` (0 for ignored rows), unnormalised, for ``return_z_loss``.
+
 Suffixes: ``""`` for the compiled ops (kernels for CPU and CUDA in ``cbkernels._C``, which registers kernels only),
 ``"_torch"`` and ``"_triton"`` for the Python backends, which register theirs with ``register_kernels``.
 """
 
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,6 +57,14 @@ class LossSpec(NamedTuple):
     label_smoothing: float = 0.0  # eps (softmax only)
     ignore_index: int = -100
     reduction: str = "none"  # one of REDUCTIONS; "none" returns the per-row losses (trailing)
+    softcap: float = 0.0  # c > 0: z <- c tanh(z / c) first (SPEC section 10); 0 for none (trailing)
+    logit_scale: float = 1.0  # s > 0: z <- s z last (trailing)
+    z_loss: float = 0.0  # z_loss * lse(z')**2 added per counted row, softmax losses (SPEC section 11; trailing)
+
+    @property
+    def transforms(self) -> bool:
+        """Whether a scalar transform or the z-loss is on (the tensor ones travel in ``LogitTensors``)."""
+        return self.softcap != 0.0 or self.logit_scale != 1.0 or self.z_loss != 0.0
 
     def op_args(self) -> tuple:
         """The fields' values in the order of ``cb_loss_fwd_inplace`` and ``cb_loss`` (no ``compute_grad``)."""
@@ -60,15 +77,32 @@ class LossSpec(NamedTuple):
     @classmethod
     def from_op_args(cls, args) -> "LossSpec":
         """The spec back from the flat scalar arguments of ``cb_loss_fwd_inplace`` / ``cb_loss``."""
-        return cls(*args)
+        return cls(*args[:len(cls._fields)])
 
     @classmethod
     def from_fwd_args(cls, args) -> Tuple["LossSpec", bool]:
         """``(spec, compute_grad)`` back from the flat scalar arguments of ``cb_loss_fwd``."""
-        return cls(*args[:_NUM_LEADING], *args[_NUM_LEADING + 1:]), bool(args[_NUM_LEADING])
+        return cls(*args[:_NUM_LEADING], *args[_NUM_LEADING + 1:len(cls._fields) + 1]), bool(args[_NUM_LEADING])
 
 
-TRAILING_FIELDS = ("reduction",)  # added after the ops' first schema: last, with defaults
+class LogitTensors(NamedTuple):
+    """The ops' optional tensor arguments, last in every schema (after the spec's fields): the ``[C]`` float32
+    vectors of SPEC section 10 on the logits' device, and ``z_rows``, an ``[N]`` buffer (the loss' dtype) the op
+    fills with each row's z-loss term (``return_z_loss``). None: off."""
+
+    logit_offset: Optional[Tensor] = None
+    target_margin: Optional[Tensor] = None
+    z_rows: Optional[Tensor] = None
+
+    @classmethod
+    def from_args(cls, args, fwd: bool) -> "LogitTensors":
+        """The tensors back from an op's flat arguments after its four leading tensors (``fwd``: ``cb_loss_fwd``'s,
+        with ``compute_grad``)."""
+        return cls(*args[len(LossSpec._fields) + int(fwd):])
+
+
+NO_TENSORS = LogitTensors()
+TRAILING_FIELDS = ("reduction", "softcap", "logit_scale", "z_loss")  # added after the ops' first schema: last
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
 _NUM_LEADING = len(LossSpec._fields) - len(TRAILING_FIELDS)
 if LossSpec._fields[_NUM_LEADING:] != TRAILING_FIELDS:
@@ -88,18 +122,19 @@ def _schema_args(names, defaults: bool) -> str:
     return ", ".join(out)
 
 
-# "int loss_type, float gamma, float label_smoothing, int ignore_index" and 'str reduction="none"'.
+# "int loss_type, float gamma, float label_smoothing, int ignore_index" and 'str reduction="none", ...'.
 LEADING_SCHEMA = _schema_args(LossSpec._fields[:_NUM_LEADING], defaults=False)
 TRAILING_SCHEMA = _schema_args(TRAILING_FIELDS, defaults=True)
+TENSORS_SCHEMA = "Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None"
 
 
 def schemas(suffix: str) -> Tuple[str, str]:
     """The forward and in-place forward schemas of the ops ``cb_loss_fwd<suffix>``, ``cb_loss_fwd_inplace<suffix>``."""
     return (
         f"cb_loss_fwd{suffix}(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {LEADING_SCHEMA}, "
-        f"bool compute_grad, {TRAILING_SCHEMA}) -> (Tensor, Tensor)",
+        f"bool compute_grad, {TRAILING_SCHEMA}, {TENSORS_SCHEMA}) -> (Tensor, Tensor)",
         f"cb_loss_fwd_inplace{suffix}(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, "
-        f"{LEADING_SCHEMA}, {TRAILING_SCHEMA}) -> Tensor",
+        f"{LEADING_SCHEMA}, {TRAILING_SCHEMA}, {TENSORS_SCHEMA}) -> Tensor",
     )
 
 
@@ -153,15 +188,17 @@ def define_ops(suffix: str, *, _stacklevel: int = 1) -> None:
 
 
 def register_kernels(suffix: str, forward: Callable, forward_inplace: Callable, dispatch_keys=("CPU", "CUDA")) -> None:
-    """Registers a Python backend's ``forward(logits, target, weight, scale, spec, compute_grad)`` and
-    ``forward_inplace(logits, target, weight, scale, spec)`` as the kernels of its ops: the dispatcher passes the
-    op's flat arguments, turned back into a ``LossSpec`` here."""
+    """Registers a Python backend's ``forward(logits, target, weight, scale, spec, compute_grad, tensors)`` and
+    ``forward_inplace(logits, target, weight, scale, spec, tensors)`` as the kernels of its ops: the dispatcher
+    passes the op's flat arguments, turned back into a ``LossSpec`` and ``LogitTensors`` here."""
 
     def fwd_kernel(logits, target, weight, scale, *options):
-        return forward(logits, target, weight, scale, *LossSpec.from_fwd_args(options))
+        return forward(logits, target, weight, scale, *LossSpec.from_fwd_args(options),
+                       LogitTensors.from_args(options, True))
 
     def fwd_inplace_kernel(logits, target, weight, scale, *options):
-        return forward_inplace(logits, target, weight, scale, LossSpec.from_op_args(options))
+        return forward_inplace(logits, target, weight, scale, LossSpec.from_op_args(options),
+                               LogitTensors.from_args(options, False))
 
     for key in dispatch_keys:
         LIB.impl(f"cb_loss_fwd{suffix}", fwd_kernel, key)
@@ -171,11 +208,12 @@ def register_kernels(suffix: str, forward: Callable, forward_inplace: Callable, 
 def define_loss_op(*, _stacklevel: int = 1) -> None:
     """Defines ``cb_loss``, the differentiable whole call of the compiled CPU backend (its autograd kernel lives in
     csrc/cb_autograd.cpp), with its fake: ``cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale,
-    <spec>) -> Tensor`` over 2-D logits, returning the loss of ``cb_loss_fwd``."""
+    <spec>, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor`` over 2-D logits, returning the loss
+    of ``cb_loss_fwd`` (``return_z_loss`` takes the other path: this op has no ``z_rows``)."""
     qualname = "cbkernels::cb_loss"
     if not _exists(qualname):
         LIB.define(f"cb_loss(Tensor logits, Tensor target, Tensor weight, Tensor? scale, {LEADING_SCHEMA}, "
-                   f"{TRAILING_SCHEMA}) -> Tensor")
+                   f"{TRAILING_SCHEMA}, Tensor? logit_offset=None, Tensor? target_margin=None) -> Tensor")
     elif not torch._C._dispatch_pystub(qualname, ""):
         return
 

@@ -43,12 +43,14 @@ def forward_inplace(logits: Tensor, *args) -> Tensor:
 
 
 def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: _opdefs.LossSpec,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+             compute_grad: bool, tensors: _opdefs.LogitTensors = _opdefs.NO_TENSORS) -> Tuple[Tensor, Tensor]:
     """The loss (``[N]`` or 0-d, see ``_opdefs``) and ``s * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``)."""
-    return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad))
+    if tensors is _opdefs.NO_TENSORS:
+        return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad))
+    return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
 
 
 def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor],
-                     spec: _opdefs.LossSpec) -> Tensor:
+                     spec: _opdefs.LossSpec, tensors: _opdefs.LogitTensors = _opdefs.NO_TENSORS) -> Tensor:
     """The loss (``[N]`` or 0-d); ``s * dl/dz`` is written over ``logits``."""
-    return forward_inplace(logits, target, weight, scale, *spec.op_args())
+    return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)

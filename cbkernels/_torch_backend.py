@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _opdefs
-from ._opdefs import SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
+from ._opdefs import NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LogitTensors, LossSpec, loss_dtype
 from ._torch_stages import (
     check_targets,
     focal_terms,
@@ -25,6 +25,8 @@ from ._torch_stages import (
     row_weights,
     softmax_grad_,
     softmax_row_stage,
+    transform_logits,
+    z_loss_rows,
 )
 
 # Elements per chunk: at most CHUNK_ELEMENTS (4 MB of float32) and at most a quarter of the logits, so that the
@@ -36,17 +38,20 @@ MIN_CHUNK_ELEMENTS = 1 << 17
 
 def _chunk(
     z: Tensor, t: Tensor, valid: Tensor, a: Tensor, scale: Tensor, spec: LossSpec, want_grad: bool,
-    out: Optional[Tensor] = None, mask_rows: bool = True,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Loss ``[R]`` and (optionally) ``scale * dl/dz`` ``[R, C]`` for one chunk, in z's dtype.
+    out: Optional[Tensor] = None, mask_rows: bool = True, tensors: LogitTensors = NO_TENSORS,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Loss ``[R]``, (optionally) ``scale * dl/dz`` ``[R, C]`` and the rows' z-loss terms (None without z-loss) for
+    one chunk, in z's dtype.
 
     Few fused ATen ops over the chunk, each vectorised; ``z`` may alias the caller's logits and is
     never written. ``out`` (z's dtype and shape, not aliasing z) receives the gradient directly when
     given, which saves a copy pass. ``mask_rows=False`` says every row is valid (no masking pass).
+    The loss is computed on the transformed logits (SPEC section 10); the gradient is the raw logits'.
     """
     num_classes = z.shape[1]
     eps = spec.label_smoothing
     ty = t.unsqueeze(1)
+    z, factor = transform_logits(z, ty, spec, tensors)
     zy = z.gather(1, ty).squeeze(1)
     grad = None
     if spec.loss_type in (SOFTMAX, SOFTMAX_FOCAL):
@@ -90,17 +95,27 @@ def _chunk(
             grad.mul_((a * scale).unsqueeze(1))
     else:
         loss, grad = focal_terms(z, ty, zy, a, scale, spec.gamma, want_grad)
-    loss = torch.where(valid, loss * a, torch.zeros_like(loss))
+    loss = loss * a
+    z_rows = None
+    if spec.z_loss != 0.0:  # not weighted by a_i (SPEC section 11); d/dz' = 2 z_loss lse p
+        lse, z_rows = z_loss_rows(z, spec)
+        loss = loss + z_rows
+        z_rows = torch.where(valid, z_rows, torch.zeros_like(z_rows))
+        if grad is not None:
+            grad.add_(torch.softmax(z, 1).mul_((2.0 * spec.z_loss * lse * scale).unsqueeze(1)))
+    if grad is not None and factor is not None:
+        grad.mul_(factor)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
     if grad is not None and mask_rows:
         grad.masked_fill_(~valid.unsqueeze(1), 0.0)
     if out is not None and grad is not None and grad.data_ptr() != out.data_ptr():
         out.copy_(grad)
         grad = out
-    return loss, grad
+    return loss, grad, z_rows
 
 
 def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
-         grad_out: Optional[Tensor]) -> Tensor:
+         grad_out: Optional[Tensor], tensors: LogitTensors = NO_TENSORS) -> Tensor:
     n, c = logits.shape
     cdtype = loss_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cdtype, device=logits.device)
@@ -117,9 +132,12 @@ def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: Lo
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             z = logits[r0:r1].to(cdtype)
-            l_rows, g = _chunk(z, t_all[r0:r1], valid_all[r0:r1], a_all[r0:r1], scale_c, spec,
-                               grad_out is not None, out=grad_out[r0:r1] if direct else None, mask_rows=mask_rows)
+            l_rows, g, z_rows = _chunk(z, t_all[r0:r1], valid_all[r0:r1], a_all[r0:r1], scale_c, spec,
+                                       grad_out is not None, out=grad_out[r0:r1] if direct else None,
+                                       mask_rows=mask_rows, tensors=tensors)
             loss[r0:r1] = l_rows
+            if tensors.z_rows is not None:
+                tensors.z_rows[r0:r1] = z_rows if z_rows is not None else 0.0
             if grad_out is not None and not direct:
                 grad_out[r0:r1].copy_(g)
     return loss
@@ -132,16 +150,18 @@ def _prologue(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Te
 
 
 def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+             compute_grad: bool, tensors: LogitTensors = NO_TENSORS) -> Tuple[Tensor, Tensor]:
     s = _prologue(logits, target, weight, scale, spec)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    loss = _run(logits, target, weight, s, spec, grad if compute_grad else None)
+    loss = _run(logits, target, weight, s, spec, grad if compute_grad else None, tensors)
     return reduce_rows(loss, s, spec), grad
 
 
-def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
+                     tensors: LogitTensors = NO_TENSORS) -> Tensor:
     s = _prologue(logits, target, weight, scale, spec)
-    return reduce_rows(_run(logits, target, weight, s, spec, logits), s, spec)  # the in-place copies bump the version
+    # the in-place copies bump the version
+    return reduce_rows(_run(logits, target, weight, s, spec, logits, tensors), s, spec)
 
 
 # The ops, so that torch.compile sees one opaque node as for the compiled backends; called with their flat arguments
@@ -152,16 +172,17 @@ forward_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace_torch.default
 
 
 def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+             compute_grad: bool, tensors: LogitTensors = NO_TENSORS) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile; in eager mode the function itself, which
     skips the op dispatch and the spec's flattening."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad))
-    return _forward(logits, target, weight, scale, spec, compute_grad)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
+    return _forward(logits, target, weight, scale, spec, compute_grad, tensors)
 
 
-def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
+                     tensors: LogitTensors = NO_TENSORS) -> Tensor:
     """In-place forward; eager calls bump the logits' version counter through the in-place copies they make."""
     if torch.compiler.is_compiling():
-        return forward_inplace(logits, target, weight, scale, *spec.op_args())
-    return _forward_inplace(logits, target, weight, scale, spec)
+        return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)
+    return _forward_inplace(logits, target, weight, scale, spec, tensors)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._opdefs import SOFTMAX, LossSpec
+from ._opdefs import SOFTMAX, LogitTensors, LossSpec
 
 NO_DOUBLE_BACKWARD = (
     "cbkernels: double backward through a class-balanced loss is not supported (its backward scales a "
@@ -142,3 +142,30 @@ def focal_terms(z: Tensor, ty: Tensor, zy: Tensor, a: Tensor, scale: Tensor, gam
         tg = torch.where(owned, tg, g.gather(1, ty).squeeze(1))
     g = g.scatter_(1, ty, tg.unsqueeze(1))
     return rows, g.mul_((a * scale).unsqueeze(1))
+
+
+def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensors) -> Tuple[Tensor, Optional[Tensor]]:
+    """The logit transforms of SPEC section 10 on a block of rows ``z`` (compute dtype, never written), in SPEC's
+    order: ``(z', dz'/dz)``, the factor None when it is 1 (and ``z'`` then ``z`` itself when nothing is on).
+    ``ty`` ``[R, 1]``: the rows' target columns (the margin's)."""
+    x, factor = z, None
+    if spec.softcap != 0.0:
+        t = torch.tanh(z / spec.softcap)
+        x = t * spec.softcap
+        factor = 1.0 - t * t
+    if tensors.logit_offset is not None:
+        x = x + tensors.logit_offset.to(z.dtype)
+    if tensors.target_margin is not None:
+        if x is z:
+            x = z.clone()
+        x.scatter_add_(1, ty, -tensors.target_margin.to(z.dtype)[ty])
+    if spec.logit_scale != 1.0:
+        x = x * spec.logit_scale
+        factor = torch.full_like(x, spec.logit_scale) if factor is None else factor.mul_(spec.logit_scale)
+    return x, factor
+
+
+def z_loss_rows(x: Tensor, spec: LossSpec) -> Tuple[Tensor, Tensor]:
+    """``(lse(z'), z_loss * lse(z')**2)`` per row of the transformed logits (SPEC section 11)."""
+    lse = torch.logsumexp(x, 1)
+    return lse, spec.z_loss * lse * lse

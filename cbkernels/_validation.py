@@ -14,15 +14,20 @@ import torch
 from torch import Tensor
 
 from ._backends import BACKEND_NAMES
-from ._opdefs import LOSS_TYPES, REDUCTIONS, SOFTMAX, LossSpec
+from ._opdefs import FOCAL, LOSS_TYPES, NO_TENSORS, REDUCTIONS, SIGMOID, SOFTMAX, LogitTensors, LossSpec
 from .weights import check_beta, class_balanced_weights
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
+def _number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
 def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_index: int,
-              reduction: str) -> LossSpec:
+              reduction: str, softcap=None, logit_scale: float = 1.0, z_loss: float = 0.0,
+              return_z_loss: bool = False) -> LossSpec:
     """The one options object of a call: every option checked here, once, then carried unchanged to the kernels."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
@@ -37,8 +42,57 @@ def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_in
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if label_smoothing and LOSS_TYPES[loss_type] != SOFTMAX:
         raise ValueError(f"label_smoothing applies to loss_type='softmax' only, got loss_type={loss_type!r}")
+    if softcap is not None and (not _number(softcap) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not _number(logit_scale) or not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if not _number(z_loss) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    one_vs_all = LOSS_TYPES[loss_type] in (SIGMOID, FOCAL)
+    if z_loss and one_vs_all:
+        raise ValueError(f"z_loss applies to the softmax losses only (it penalises the softmax normaliser), got "
+                         f"loss_type={loss_type!r}")
+    if return_z_loss and one_vs_all:
+        raise ValueError(f"return_z_loss applies to the softmax losses only, got loss_type={loss_type!r}")
     return LossSpec(loss_type=LOSS_TYPES[loss_type], gamma=float(gamma), label_smoothing=float(label_smoothing),
-                    ignore_index=int(ignore_index), reduction=reduction)
+                    ignore_index=int(ignore_index), reduction=reduction,
+                    softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                    z_loss=float(z_loss))
+
+
+def class_vector(name: str, v, num_classes: int, device: torch.device) -> Optional[Tensor]:
+    """A ``[C]`` transform vector (``logit_offset``, ``target_margin``; SPEC section 10) as the kernels read it:
+    float32, contiguous, on the logits' device, no autograd history; None stays None. Non-finite entries raise
+    ``ValueError`` on the CPU; on a GPU they fail a device-side assert (no host sync)."""
+    if v is None:
+        return None
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != num_classes:
+        raise ValueError(f"{name} must have shape [C] = [{num_classes}], got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but logits are on {device}")
+    v = v.detach()
+    if v.dtype != torch.float32:
+        v = v.float()  # a float64 entry beyond float32's range becomes inf and is caught below
+    if not v.is_contiguous():
+        v = v.contiguous()
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite (as float32), got a non-finite entry")
+    else:
+        torch._assert_async(torch.isfinite(v).all(), f"cbkernels: {name} has a non-finite entry")
+    return v
+
+
+def logit_tensors(logit_offset, target_margin, num_classes: int, device: torch.device) -> LogitTensors:
+    """The checked ``[C]`` vectors of SPEC section 10 (``NO_TENSORS`` when neither is given)."""
+    if logit_offset is None and target_margin is None:
+        return NO_TENSORS
+    return LogitTensors(class_vector("logit_offset", logit_offset, num_classes, device),
+                        class_vector("target_margin", target_margin, num_classes, device))
 
 
 def check_backend(backend: str) -> None:

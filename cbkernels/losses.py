@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import _autograd
 from . import _validation as V
 from ._backends import resolve_backend
-from ._opdefs import loss_dtype
+from ._opdefs import NO_TENSORS, loss_dtype
 from .weights import ReweightMixin
 
 
@@ -37,7 +37,13 @@ def class_balanced_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     normalizer=None,
-) -> Tensor:
+    softcap: Optional[float] = None,
+    logit_offset: Optional[Tensor] = None,
+    target_margin: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
     """Class-balanced loss of any ``loss_type`` ("softmax", "sigmoid", "focal", "softmax_focal").
 
     Per-sample weight ``a_i = w[target_i]`` with ``w = class_balanced_weights(samples_per_class, beta)``
@@ -48,13 +54,24 @@ def class_balanced_loss(
     ``normalizer`` (``reduction="mean"`` only; a number > 0 or a 0-d tensor on the logits' device): divide the sum by
     it instead of the number of counted rows (SPEC section 12): e.g. the counted rows of every micro-batch of one
     optimizer step (Hugging Face's ``num_items_in_batch``), or ``distributed_normalizer(...)`` under data parallel.
+
+    Logit transforms (SPEC section 10), applied inside the kernel in this order, the gradient being the raw logits':
+    ``softcap`` ``c > 0``: ``z <- c tanh(z / c)`` (Gemma 2); ``logit_offset`` ``[C]``: ``z_j <- z_j + o_j`` (logit
+    adjustment, Balanced Softmax: ``cb.logit_adjustment``); ``target_margin`` ``[C]``: ``z_y <- z_y - m_y`` on the
+    target only (LDAM: ``cb.ldam_margins``); ``logit_scale`` ``s > 0``: ``z <- s z``. The vectors: float
+    ``[C]`` tensors on the logits' device with finite entries (checked on the CPU; a device-side assert on a GPU).
+    ``z_loss`` (softmax losses, SPEC section 11): adds ``z_loss * lse(z')**2`` per counted row, not weighted by
+    ``a_i`` (PaLM). ``return_z_loss=True`` returns ``(loss, z_term)``, ``z_term`` the z-loss part of ``loss`` under
+    the same reduction, detached (for logging).
     """
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                       reduction=reduction)
+                       reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
+                       return_z_loss=return_z_loss)
     V.check_backend(backend)
     _check_tensors(logits, target, inplace_backward)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
-    return _call(logits, target, w, spec, backend, inplace_backward, normalizer)
+    tensors = V.logit_tensors(logit_offset, target_margin, logits.shape[-1], logits.device)
+    return _call(logits, target, w, spec, backend, inplace_backward, normalizer, tensors, return_z_loss)
 
 
 def _check_tensors(logits: Tensor, target: Tensor, inplace_backward: bool) -> None:
@@ -64,59 +81,77 @@ def _check_tensors(logits: Tensor, target: Tensor, inplace_backward: bool) -> No
 
 
 def _call(logits: Tensor, target: Tensor, w: Tensor, spec, backend: str, inplace_backward: bool,
-          normalizer) -> Tensor:
+          normalizer, tensors=NO_TENSORS, return_z_loss: bool = False):
     """The checked call: the normaliser's scale, the backend, the one differentiable op."""
     scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
     return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
-                                         inplace_backward, scale)
+                                         inplace_backward, scale, tensors, return_z_loss)
 
 
 def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                             inplace_backward=False, backend="auto", normalizer=None) -> Tensor:
+                             inplace_backward=False, backend="auto", normalizer=None, softcap=None,
+                             logit_offset=None, target_margin=None, logit_scale=1.0, z_loss=0.0,
+                             return_z_loss=False):
     """Class-balanced softmax cross-entropy ``a_i [(1-eps)(lse_i - z_iy) + eps/C sum_j (lse_i - z_ij)]``.
 
-    See ``class_balanced_loss`` for the arguments; SPEC sections 3-5 for the formulas.
+    See ``class_balanced_loss`` for the arguments; SPEC sections 3-5 and 10-11 for the formulas.
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax", beta=beta, weight=weight,
                                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
+                               softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
+                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss)
 
 
 def cb_sigmoid_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, inplace_backward=False,
-                             backend="auto", normalizer=None) -> Tensor:
+                             backend="auto", normalizer=None, softcap=None, logit_offset=None,
+                             target_margin=None, logit_scale=1.0) -> Tensor:
     """Class-balanced sigmoid cross-entropy ``a_i sum_j [softplus(z_ij) - t_ij z_ij]`` (one-vs-all).
 
-    See ``class_balanced_loss`` for the arguments.
+    See ``class_balanced_loss`` for the arguments (the z-loss is for the softmax losses).
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="sigmoid", beta=beta, weight=weight,
                                reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
+                               softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
+                               logit_scale=logit_scale)
 
 
 def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
-             reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto", normalizer=None) -> Tensor:
+             reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto", normalizer=None,
+             softcap=None, logit_offset=None, target_margin=None, logit_scale=1.0) -> Tensor:
     """The paper's CB_focal: ``a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij]``, sigmoid focal modulator
     ``m_ij = (1-p)^gamma`` on the target and ``p^gamma`` elsewhere, ``p = sigmoid(z_ij)``.
 
-    See ``class_balanced_loss`` for the arguments.
+    See ``class_balanced_loss`` for the arguments (the z-loss is for the softmax losses).
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="focal", beta=beta, gamma=gamma,
                                weight=weight, reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
+                               softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
+                               logit_scale=logit_scale)
 
 
 def cb_softmax_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
                      reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto",
-                     normalizer=None) -> Tensor:
+                     normalizer=None, softcap=None, logit_offset=None, target_margin=None, logit_scale=1.0,
+                     z_loss=0.0, return_z_loss=False):
     """Class-balanced softmax focal loss ``a_i (1 - P_i)^gamma (lse_i - z_iy)``, ``P_i = softmax(z_i)_y``.
 
     See ``class_balanced_loss`` for the arguments.
     """
     return class_balanced_loss(logits, target, samples_per_class, loss_type="softmax_focal", beta=beta,
                                gamma=gamma, weight=weight, reduction=reduction, ignore_index=ignore_index,
-                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer)
+                               inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
+                               softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
+                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss)
+
+
+def _on(v, device):
+    """A module's transform vector on its weight's device (the counts decide where the module starts)."""
+    return v.to(device) if isinstance(v, Tensor) else v
 
 
 class ClassBalancedLoss(ReweightMixin, nn.Module):
@@ -129,36 +164,63 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
         loss_type, beta, gamma, reduction, ignore_index, label_smoothing, backend: as in
             ``class_balanced_loss``.
         normalize, zero_count: as in ``class_balanced_weights``.
+        softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: the logit transforms and the
+            z-loss, as in ``class_balanced_loss``; the two vectors are kept as buffers (``logit_offset``,
+            ``target_margin``, None when not given) that move with the module.
     """
 
     def __init__(self, samples_per_class, loss_type: str = "focal", beta: float = 0.999, gamma: float = 0.5,
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                  backend: str = "auto", *, normalize: bool = True, zero_count: str = "error",
-                 inplace_backward: bool = False):
+                 inplace_backward: bool = False, softcap: Optional[float] = None,
+                 logit_offset: Optional[Tensor] = None, target_margin: Optional[Tensor] = None,
+                 logit_scale: float = 1.0, z_loss: float = 0.0, return_z_loss: bool = False):
         super().__init__()
+        # checked now; forward builds the spec from the attributes as they are then
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                    reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
+                    reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
+                    return_z_loss=return_z_loss)
         V.check_backend(backend)
         self.register_buffer("weight", self._init_counts(samples_per_class, beta, normalize, zero_count))
+        c = self.weight.shape[0]
+        dev = self.weight.device
+        self.register_buffer("logit_offset", V.class_vector("logit_offset", _on(logit_offset, dev), c, dev))
+        self.register_buffer("target_margin", V.class_vector("target_margin", _on(target_margin, dev), c, dev))
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.backend, self.inplace_backward = backend, inplace_backward
+        self.softcap, self.logit_scale, self.z_loss, self.return_z_loss = softcap, logit_scale, z_loss, return_z_loss
         self._spec_key = None  # (options) the cached spec was built from; see forward
         self._spec = None
 
-    def forward(self, logits: Tensor, target: Tensor, normalizer=None) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, normalizer=None):
         # The spec is rebuilt (and the options checked) only when an option attribute changed since the last call.
-        key = (self.loss_type, self.gamma, self.reduction, self.ignore_index, self.label_smoothing, self.backend)
+        key = (self.loss_type, self.gamma, self.reduction, self.ignore_index, self.label_smoothing, self.backend,
+               getattr(self, "softcap", None), getattr(self, "logit_scale", 1.0), getattr(self, "z_loss", 0.0),
+               getattr(self, "return_z_loss", False))
         if key != getattr(self, "_spec_key", None):  # (absent on a module pickled before it existed)
             spec = V.loss_spec(self.loss_type, gamma=self.gamma, label_smoothing=self.label_smoothing,
-                               ignore_index=self.ignore_index, reduction=self.reduction)
+                               ignore_index=self.ignore_index, reduction=self.reduction, softcap=key[6],
+                               logit_scale=key[7], z_loss=key[8], return_z_loss=key[9])
             V.check_backend(self.backend)
             self._spec, self._spec_key = spec, key
         # The options were checked when the spec was built: the tensors' checks, in class_balanced_loss's order.
         _check_tensors(logits, target, self.inplace_backward)
         w = V.given_weight(self.weight, logits.shape[-1], logits.device)
-        return _call(logits, target, w, self._spec, self.backend, self.inplace_backward, normalizer)
+        offset, margin = getattr(self, "logit_offset", None), getattr(self, "target_margin", None)
+        tensors = NO_TENSORS
+        if offset is not None or margin is not None:
+            tensors = V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
+        return _call(logits, target, w, self._spec, self.backend, self.inplace_backward, normalizer, tensors,
+                     self._spec_key[9])
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("softcap", getattr(self, "softcap", None)),
+                                                      ("logit_scale", getattr(self, "logit_scale", 1.0)),
+                                                      ("z_loss", getattr(self, "z_loss", 0.0)))
+                        if v not in (None, 1.0, 0.0))
+        for name in ("logit_offset", "target_margin"):
+            if getattr(self, name, None) is not None:
+                extra += f", {name}=[{self.weight.shape[0]}]"
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "
-                f"gamma={self.gamma}, reduction={self.reduction!r}")
+                f"gamma={self.gamma}, reduction={self.reduction!r}{extra}")

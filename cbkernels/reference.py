@@ -30,11 +30,18 @@ def reference_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-) -> Tensor:
-    """Class-balanced loss (SPEC sections 2-5) in the dtype of ``logits``.
+    softcap: Optional[float] = None,
+    logit_offset: Optional[Tensor] = None,
+    target_margin: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
+    """Class-balanced loss (SPEC sections 2-5, 10-11) in the dtype of ``logits``.
 
     ``weight`` is the ``[C]`` class weight (ones when None); the per-sample weight is
-    ``a_i = weight[target_i]``, 0 for ignored rows.
+    ``a_i = weight[target_i]``, 0 for ignored rows. The transforms apply in SPEC section 10's order; with
+    ``return_z_loss`` the result is ``(loss, z_term)``.
     """
     c = logits.shape[-1]
     z = logits.reshape(-1, c)
@@ -44,6 +51,13 @@ def reference_loss(
     w = torch.ones(c, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
     a = torch.where(valid, w[t_safe], torch.zeros((), dtype=z.dtype, device=z.device))
     onehot = F.one_hot(t_safe, c).to(z.dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if logit_offset is not None:
+        z = z + logit_offset.to(z.dtype)
+    if target_margin is not None:
+        z = z - target_margin.to(z.dtype)[None, :] * onehot
+    z = z * logit_scale
 
     if loss_type == "softmax":
         lse = torch.logsumexp(z, dim=1)
@@ -69,9 +83,16 @@ def reference_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
-    per = torch.where(valid, a * per, torch.zeros((), dtype=per.dtype, device=per.device))
+    zero = torch.zeros((), dtype=per.dtype, device=per.device)
+    zrows = torch.where(valid, z_loss * torch.logsumexp(z, dim=1) ** 2, zero) if z_loss else torch.zeros_like(per)
+    per = torch.where(valid, a * per, zero) + zrows
+    loss = _reduce(per, valid, a, reduction, target.shape)
+    return (loss, _reduce(zrows, valid, a, reduction, target.shape).detach()) if return_z_loss else loss
+
+
+def _reduce(per: Tensor, valid: Tensor, a: Tensor, reduction: str, shape) -> Tensor:
     if reduction == "none":
-        return per.reshape(target.shape)
+        return per.reshape(shape)
     if reduction == "sum":
         return per.sum()
     if reduction == "mean":

@@ -28,18 +28,33 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using OptTensor = std::optional<at::Tensor>;
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&, int64_t, double, double, int64_t,
-                                                   bool, c10::string_view);
+                                                   const OptTensor&, int64_t, double, double, int64_t, bool,
+                                                   c10::string_view, double, double, double, const OptTensor&,
+                                                   const OptTensor&, const OptTensor&);
+
+// The loss options after the tensors, as cb_loss takes them (cbkernels/_opdefs.py's LossSpec, then the vectors).
+struct Options {
+  int64_t loss_type;
+  double gamma;
+  double label_smoothing;
+  int64_t ignore_index;
+  std::string reduction;
+  double softcap;
+  double logit_scale;
+  double z_loss;
+  OptTensor logit_offset;
+  OptTensor target_margin;
+};
 
 std::tuple<at::Tensor, at::Tensor> loss_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                            const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                                            int64_t loss_type, double gamma, double label_smoothing,
-                                            int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+                                            const at::Tensor& weight, const OptTensor& scale, const Options& o,
+                                            bool compute_grad) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("cbkernels::cb_loss_fwd", "").typed<FwdSig>();
-  return op.call(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, compute_grad,
-                 reduction);
+  return op.call(logits, target, weight, scale, o.loss_type, o.gamma, o.label_smoothing, o.ignore_index, compute_grad,
+                 o.reduction, o.softcap, o.logit_scale, o.z_loss, o.logit_offset, o.target_margin, std::nullopt);
 }
 
 constexpr const char* kNoDoubleBackward =
@@ -55,13 +70,10 @@ bool readable_on_host(const at::Tensor& t) {
 class CBLoss : public torch::autograd::Function<CBLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                            const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t loss_type,
-                            double gamma, double label_smoothing, int64_t ignore_index, const std::string& reduction,
-                            bool want_grad) {
-    auto [loss, grad] = loss_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
-                                 reduction, want_grad);
+                            const at::Tensor& weight, const OptTensor& scale, const Options& options, bool want_grad) {
+    auto [loss, grad] = loss_fwd(logits, target, weight, scale, options, want_grad);
     if (want_grad) ctx->save_for_backward({grad});
-    ctx->saved_data["per_row"] = reduction == "none";
+    ctx->saved_data["per_row"] = options.reduction == "none";
     return loss;
   }
 
@@ -84,26 +96,29 @@ class CBLoss : public torch::autograd::Function<CBLoss> {
       torch::autograd::DelayedError node(kNoDoubleBackward, 1);
       grad = node.apply({grad.detach().requires_grad_()})[0];
     }
-    return {grad,         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor cb_loss_autograd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& scale, int64_t loss_type, double gamma,
-                            double label_smoothing, int64_t ignore_index, c10::string_view reduction) {
+                            const OptTensor& scale, int64_t loss_type, double gamma, double label_smoothing,
+                            int64_t ignore_index, c10::string_view reduction, double softcap, double logit_scale,
+                            double z_loss, const OptTensor& logit_offset, const OptTensor& target_margin) {
   // Whether backward can reach the logits (autograd runs forward with grad mode off: decided here).
   const bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
-  return CBLoss::apply(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index,
-                       std::string(reduction), want_grad);
+  const Options options{loss_type, gamma,  label_smoothing, ignore_index, std::string(reduction),
+                        softcap,   logit_scale, z_loss, logit_offset, target_margin};
+  return CBLoss::apply(logits, target, weight, scale, options, want_grad);
 }
 
 // Below autograd (inference mode, or a caller that dispatches past it): the loss alone.
 at::Tensor cb_loss_no_grad(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& scale, int64_t loss_type, double gamma,
-                           double label_smoothing, int64_t ignore_index, c10::string_view reduction) {
-  return std::get<0>(
-      loss_fwd(logits, target, weight, scale, loss_type, gamma, label_smoothing, ignore_index, reduction, false));
+                           const OptTensor& scale, int64_t loss_type, double gamma, double label_smoothing,
+                           int64_t ignore_index, c10::string_view reduction, double softcap, double logit_scale,
+                           double z_loss, const OptTensor& logit_offset, const OptTensor& target_margin) {
+  const Options options{loss_type, gamma,  label_smoothing, ignore_index, std::string(reduction),
+                        softcap,   logit_scale, z_loss, logit_offset, target_margin};
+  return std::get<0>(loss_fwd(logits, target, weight, scale, options, false));
 }
 
 }  // namespace

@@ -160,6 +160,34 @@ inline void check_inputs(const OpArgs& args, c10::DeviceType device) {
   TORCH_CHECK(gamma >= 0 && std::isfinite(gamma), op, ": gamma must be finite and >= 0, got ", gamma);
   TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing must lie in [0, 1], got ",
               label_smoothing);
+  // SPEC sections 10-11 (the arguments exist in every schema, with their defaults).
+  const double softcap = args.to_double("softcap"), logit_scale = args.to_double("logit_scale");
+  const double z_loss = args.to_double("z_loss");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and > 0 (0 for none), got ",
+              softcap);
+  TORCH_CHECK(logit_scale > 0 && std::isfinite(logit_scale), op, ": logit_scale must be finite and > 0, got ",
+              logit_scale);
+  TORCH_CHECK(z_loss >= 0 && std::isfinite(z_loss), op, ": z_loss must be finite and >= 0, got ", z_loss);
+  TORCH_CHECK(z_loss == 0 || loss_type == kSoftmax || loss_type == kSoftmaxFocal, op,
+              ": z_loss applies to the softmax losses only");
+  for (const char* name : {"logit_offset", "target_margin"}) {
+    const c10::IValue& v = name[0] == 'l' ? args["logit_offset"] : args["target_margin"];
+    if (v.isNone()) continue;
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(1) && t.scalar_type() == at::kFloat, op, ": ", name,
+                " must be float32 [C] = [", logits.size(1), "], got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), " like the logits, got ",
+                t.device());
+  }
+  if (!args["z_rows"].isNone()) {
+    const at::Tensor& t = args.tensor("z_rows");
+    const at::ScalarType want = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.scalar_type() == want && t.is_contiguous(), op,
+                ": z_rows must be a contiguous ", want, " [N] = [", logits.size(0), "], got ", t.scalar_type(), " ",
+                t.sizes());
+    TORCH_CHECK(t.device() == logits.device(), op, ": z_rows must be on ", logits.device(), " like the logits, got ",
+                t.device());
+  }
 }
 
 // The kernels read rows with unit stride along the classes; any row stride is fine.
@@ -169,6 +197,8 @@ inline bool rows_ok(const at::Tensor& z) { return z.size(1) <= 1 || z.stride(1) 
 struct HeldTensors {
   at::Tensor target;
   at::Tensor weight;
+  at::Tensor logit_offset;
+  at::Tensor target_margin;
   at::Tensor scale;  // the normaliser the launch computes (compute_scale), 0-d in the loss' dtype
 };
 
@@ -210,6 +240,20 @@ inline void set_params(CBLossParams& p, HeldTensors& held, const OpArgs& args, c
   p.gamma = args.to_double("gamma");
   p.label_smoothing = args.to_double("label_smoothing");
   p.ignore_index = args.to_int("ignore_index");
+  p.softcap = args.to_double("softcap");
+  p.logit_scale = args.to_double("logit_scale");
+  p.z_loss = args.to_double("z_loss");
+  p.logit_offset = nullptr;
+  p.target_margin = nullptr;
+  if (!args["logit_offset"].isNone()) {
+    held.logit_offset = args.tensor("logit_offset").contiguous();
+    p.logit_offset = held.logit_offset.const_data_ptr<float>();
+  }
+  if (!args["target_margin"].isNone()) {
+    held.target_margin = args.tensor("target_margin").contiguous();
+    p.target_margin = held.target_margin.const_data_ptr<float>();
+  }
+  p.z_rows = args["z_rows"].isNone() ? nullptr : args.tensor("z_rows").data_ptr();
 }
 
 inline at::ScalarType loss_dtype(const at::Tensor& logits) {

@@ -41,6 +41,8 @@ CB_HOST_DEVICE float cb_pow(float x, float y) { return powf(x, y); }
 CB_HOST_DEVICE double cb_pow(double x, double y) { return pow(x, y); }
 CB_HOST_DEVICE float cb_fabs(float x) { return fabsf(x); }
 CB_HOST_DEVICE double cb_fabs(double x) { return fabs(x); }
+CB_HOST_DEVICE float cb_copysign(float x, float y) { return copysignf(x, y); }
+CB_HOST_DEVICE double cb_copysign(double x, double y) { return copysign(x, y); }
 
 template <typename T> struct Limits;
 template <> struct Limits<float> {
@@ -201,13 +203,14 @@ struct SoftmaxRowStats {
 //   a smoothing term that is exactly 0 for C = 1: there lse - m = L - (m - z_y) from the accurate L instead.
 enum class ExpShift : int { kExact, kPow2 };
 
-// The row's loss a_i l_i and its gradient: g_j = k1 e_j - k0 for j != y, g_y at the target.
+// The row's loss a_i l_i (+ its z-loss term z) and its gradient: g_j = k1 e_j - k0 for j != y, g_y at the target.
 template <typename T>
 struct SoftmaxRowOut {
   T loss;
   T k1;
   T k0;
   T gy;
+  T z;  // z_loss * lse^2 (included in loss), 0 without z-loss
 };
 
 // The softmax losses' per-row epilogue (SPEC sections 3-4), set up once per call from the params, the focal exponent's
@@ -216,6 +219,8 @@ struct SoftmaxRowOut {
 //   softmax focal: l = (1-P)^gamma L,                         dl/dz_j = c (p_j - t_j)  (softmax_focal_row)
 // with L = lse - z_y, lse - mean_j z_j = (lse - m) + mean_j (m - z_j) (every term >= 0: no cancellation), and
 // p_y - q_y = eps (1 - 1/C) - (1 - p_y), 1 - p_y = s_other / sum formed without cancellation.
+// The z-loss (SPEC section 11) adds z_loss lse^2 to the row, unweighted, and 2 z_loss lse p_j to its gradient: the
+// p_j part joins k1 and gy, so the gradient pass is unchanged (and with z_loss = 0 adds exact zeros).
 template <ExpShift kShift, typename T>
 class SoftmaxEpilogue {
  public:
@@ -224,6 +229,7 @@ class SoftmaxEpilogue {
         eps_(focal_ ? T(0) : static_cast<T>(p.label_smoothing)),
         num_classes_(static_cast<T>(p.num_classes)),
         scale_(scale),
+        z_loss_(static_cast<T>(p.z_loss)),
         gamma_(p.gamma),
         gk_(gk) {}
 
@@ -249,6 +255,15 @@ class SoftmaxEpilogue {
     out.k1 = k / sum;
     out.k0 = k * eps_ / num_classes_;
     out.gy = k * (eps_ * (T(1) - T(1) / num_classes_) - st.s_other / sum);
+    out.z = T(0);
+    if (z_loss_ != T(0)) {
+      const T lse = st.m + (kShift == ExpShift::kExact ? cb_log(sum) : nll - (st.m - st.zy));
+      const T kz = T(2) * z_loss_ * lse * scale_;
+      out.z = z_loss_ * lse * lse;
+      out.loss += out.z;
+      out.k1 = (k + kz) / sum;
+      out.gy += kz * (st.ey / sum);
+    }
     return out;
   }
 
@@ -257,20 +272,70 @@ class SoftmaxEpilogue {
   T eps_;  // label smoothing (0 for the focal loss)
   T num_classes_;
   T scale_;
+  T z_loss_;
   double gamma_;  // exact: see softmax_focal_row_exact_gamma
   GammaKind gk_;
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Logit transforms (SPEC section 10: softcap, offset, margin, scale). Every logit a kernel reads passes through
-// logit() (z' for class col), and every gradient it stores through grad() (dl/dz from dl/dz'): the one place per
-// language the transforms touch. The identity until they land; built once per call from the params.
+// Logit transforms (SPEC section 10), in SPEC's order: z' = s (c tanh(z / c) + o_j - m_y [j == y]), and the chain
+// rule dl/dz = s (1 - tanh(z / c)^2) dl/dz'. Each is off at its identity (c = 0, no vector, s = 1) and then costs a
+// predictable branch per call site, no arithmetic: a scale of 1 multiplies exactly, so bits do not change.
+
+// tanh(x) and 1 - tanh(x)^2 from one expm1(-2|x|) = em in (-1, 0]: tanh|x| = -em / (2 + em) and
+// sech^2 x = 4 (1 + em) / (2 + em)^2. Neither form cancels: tanh keeps full relative precision for tiny x (where
+// (1 - e) / (1 + e) would not), and sech^2 stays accurate where tanh rounds to 1 (1 - t^2 would be 0).
+template <typename T>
+struct Tanh {
+  T t;      // tanh(x)
+  T sech2;  // 1 - tanh(x)^2
+};
+template <typename T>
+CB_HOST_DEVICE Tanh<T> tanh_sech2(T x) {
+  const T em = cb_expm1(T(-2) * cb_fabs(x));
+  const T d = T(1) / (T(2) + em);
+  Tanh<T> r;
+  r.t = cb_copysign(-em * d, x);
+  r.sech2 = T(4) * (T(1) + em) * d * d;
+  return r;
+}
+
+// The transforms of one call in the compute type T, scalar form (the CUDA kernels, and the CPU kernels' target
+// column; their SIMD loops use the same fields).
+template <typename T>
 struct LogitTransform {
-  static CB_HOST_DEVICE LogitTransform from(const CBLossParams& /*p*/) { return {}; }
-  template <typename V>
-  CB_HOST_DEVICE V logit(const V& z, int64_t /*col*/) const { return z; }
-  template <typename V>
-  CB_HOST_DEVICE V grad(const V& g, int64_t /*col*/) const { return g; }
+  const float* offset;  // [C] or nullptr
+  const float* margin;  // [C] or nullptr
+  T cap;                // softcap c, 0 for none
+  T inv_cap;            // 1 / c
+  T scale;              // s
+
+  static CB_HOST_DEVICE LogitTransform from(const CBLossParams& p) {
+    LogitTransform tf;
+    tf.offset = p.logit_offset;
+    tf.margin = p.target_margin;
+    tf.cap = static_cast<T>(p.softcap);
+    tf.inv_cap = p.softcap != 0.0 ? static_cast<T>(1.0 / p.softcap) : T(0);
+    tf.scale = static_cast<T>(p.logit_scale);
+    return tf;
+  }
+  CB_HOST_DEVICE bool softcap() const { return cap != T(0); }
+  // Whether dl/dz differs from dl/dz' by more than the constant s (the softcap's per-element factor).
+  CB_HOST_DEVICE bool per_element_grad() const { return cap != T(0); }
+
+  // z' of column col; is_target: the row's target column (the margin applies there only).
+  CB_HOST_DEVICE T logit(T z, int64_t col, bool is_target) const {
+    T x = z;
+    if (cap != T(0)) x = cap * tanh_sech2(z * inv_cap).t;
+    if (offset != nullptr) x += static_cast<T>(offset[col]);
+    if (is_target && margin != nullptr) x -= static_cast<T>(margin[col]);
+    return x * scale;
+  }
+  // dl/dz from dl/dz' = g and the raw logit z.
+  CB_HOST_DEVICE T grad(T g, T z) const {
+    if (cap != T(0)) g *= tanh_sech2(z * inv_cap).sech2;
+    return g * scale;
+  }
 };
 
 }  // namespace cbkernels

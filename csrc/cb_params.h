@@ -52,6 +52,15 @@ struct CBLossParams {
   int64_t ignore_index;
   int reduction;              // Reduction
   bool compute_scale;
+  // Logit transforms and z-loss (SPEC sections 10-11), each off at its default: the loss is computed on
+  // z' = logit_scale * (softcap tanh(z / softcap) + logit_offset[j] - target_margin[y] [j == y]) and the gradient is
+  // dl/dz. Appended last: the layout before them is that of the first release (the emulation's mirror follows).
+  const float* logit_offset;  // [C] float32, nullptr for none
+  const float* target_margin; // [C] float32, nullptr for none
+  void* z_rows;               // [N] z_loss * lse(z')^2 per row in the loss' type (0 for ignored rows); nullptr: not wanted
+  double softcap;             // c > 0, 0 for none
+  double logit_scale;         // s > 0, 1 for none
+  double z_loss;              // >= 0, softmax losses only
 };
 
 // The reduction's normaliser from the valid-row count and sum_i a_i (SPEC section 5).

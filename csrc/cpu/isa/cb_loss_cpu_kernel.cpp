@@ -179,33 +179,96 @@ CB_HOST_DEVICE Vectorized<T> drop_target(const Vectorized<T>& v, int64_t j, int6
   return Vectorized<T>::blendv(v, Vectorized<T>(0), Vectorized<T>::arange(0, 1) == Vectorized<T>(T(y - j)));
 }
 
-// Every logit read: the n <= W logits of columns [j, j + n), or the target's, through the logit transform.
-template <typename scalar_t>
-CB_HOST_DEVICE Vectorized<acc_t<scalar_t>> load_logits(const LogitTransform& tf, const scalar_t* z, int64_t j,
-                                                       int64_t n) {
-  return tf.logit(load(z + j, n), j);
-}
-template <typename scalar_t>
-CB_HOST_DEVICE acc_t<scalar_t> target_logit(const LogitTransform& tf, const scalar_t* z, int64_t y) {
-  return tf.logit(static_cast<acc_t<scalar_t>>(z[y]), y);
+// n <= W floats of a [C] float32 vector (the transforms' offsets) in the compute type T.
+template <typename T>
+CB_HOST_DEVICE Vectorized<T> load_vector(const float* v, int64_t j, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load(v + j, n);
+  } else {
+    T tmp[Vectorized<T>::size()] = {};
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<T>(v[j + k]);
+    return Vectorized<T>::loadu(tmp);
+  }
 }
 
-// Every gradient store: dl/dz' of columns [j, j + n), or of the target, through the logit transform's chain rule.
-template <typename scalar_t>
-CB_HOST_DEVICE void store_grad(const LogitTransform& tf, scalar_t* g, int64_t j, const Vectorized<acc_t<scalar_t>>& v,
-                               int64_t n) {
-  store(g + j, tf.grad(v, j), n);
+// tanh(x) and sech(x)^2 = 1 - tanh(x)^2 per lane, as cb_math.h's tanh_sech2 (one expm1, no cancellation).
+template <typename T>
+CB_HOST_DEVICE void tanh_sech2(const Vectorized<T>& x, Vectorized<T>& t, Vectorized<T>& sech2) {
+  using V = Vectorized<T>;
+  const V em = (V(T(-2)) * x.abs()).expm1();
+  const V d = (V(T(2)) + em).reciprocal();
+  const V t_abs = V(T(0)) - em * d;
+  t = select_lt(x, V(T(0)), V(T(0)) - t_abs, t_abs);
+  sech2 = V(T(4)) * (V(T(1)) + em) * d * d;
 }
-template <typename scalar_t>
-CB_HOST_DEVICE void store_target_grad(const LogitTransform& tf, scalar_t* g, int64_t y, acc_t<scalar_t> v) {
-  g[y] = static_cast<scalar_t>(tf.grad(v, y));
-}
+
+// The logit transforms of SPEC section 10 (cb_math.h's LogitTransform) for the SIMD loops of one thread's rows. Every
+// logit read passes through first() (the row's first read: it evaluates the softcap's tanh and, for the softmax
+// rows, keeps tanh and sech^2 per column) or again() (later reads of the row: from the kept tanh, no second
+// transcendental), and every gradient store through grad(). Each transform that is off costs a predictable branch
+// per SIMD piece and no arithmetic. The target column's margin is applied in scalar code (target_logit).
+template <typename T>
+class RowTransform {
+ public:
+  using Vec = Vectorized<T>;
+  RowTransform(const CBLossParams& p, bool keep) : s_(LogitTransform<T>::from(p)), cap_(s_.softcap()) {
+    if (cap_ && keep) {
+      tanh_.resize(p.num_classes);
+      sech2_.resize(p.num_classes);
+    }
+  }
+  const LogitTransform<T>& scalar() const { return s_; }
+  bool on() const { return cap_ || s_.offset != nullptr || s_.scale != T(1); }
+  bool factor_on() const { return cap_ || s_.scale != T(1); }
+
+  // z' of columns [j, j + n) (no margin) from their raw logits z; sech2 receives the softcap's factor when on.
+  CB_HOST_DEVICE Vec first(const Vec& z, int64_t j, int64_t n, Vec* sech2 = nullptr) {
+    Vec x = z;
+    if (cap_) {
+      Vec t, s2;
+      tanh_sech2(z * Vec(s_.inv_cap), t, s2);
+      if (!tanh_.empty()) {
+        t.store(tanh_.data() + j, n);
+        s2.store(sech2_.data() + j, n);
+      }
+      if (sech2 != nullptr) *sech2 = s2;
+      x = t * Vec(s_.cap);
+    }
+    return finish(x, j, n);
+  }
+  // The same z' again (softmax rows, after first()), the softcap's tanh read back.
+  CB_HOST_DEVICE Vec again(const Vec& z, int64_t j, int64_t n) const {
+    return finish(cap_ ? Vec::loadu(tanh_.data() + j, n) * Vec(s_.cap) : z, j, n);
+  }
+  // dl/dz from dl/dz' of columns [j, j + n); sech2: the softcap factor of first() (nullptr: the kept one).
+  CB_HOST_DEVICE Vec grad(const Vec& g, int64_t j, int64_t n, const Vec* sech2 = nullptr) const {
+    if (cap_) return g * (sech2 != nullptr ? *sech2 : Vec::loadu(sech2_.data() + j, n)) * Vec(s_.scale);
+    return s_.scale != T(1) ? g * Vec(s_.scale) : g;
+  }
+  // The target column's dl/dz from dl/dz' and its raw logit (the kept factor of a softmax row when there is one).
+  CB_HOST_DEVICE T target_grad(T g, T z, int64_t y) const {
+    if (cap_ && !sech2_.empty()) return g * sech2_[y] * s_.scale;
+    return s_.grad(g, z);
+  }
+
+ private:
+  CB_HOST_DEVICE Vec finish(Vec x, int64_t j, int64_t n) const {
+    if (s_.offset != nullptr) x = x + load_vector<T>(s_.offset, j, n);
+    if (s_.scale != T(1)) x = x * Vec(s_.scale);
+    return x;
+  }
+
+  LogitTransform<T> s_;
+  bool cap_;
+  std::vector<T> tanh_, sech2_;  // per column of the current row (softmax rows with softcap)
+};
 
 // A row whose target does not count (cb_params.h): written as ignored. (A bad target never gets here: the binding
 // checks every target before any row is computed.)
 template <typename scalar_t>
 inline void skip_row(const CBLossParams& p, int64_t i, scalar_t* g) {
   static_cast<acc_t<scalar_t>*>(p.loss)[i] = 0;
+  if (p.z_rows != nullptr) static_cast<acc_t<scalar_t>*>(p.z_rows)[i] = 0;
   if (g != nullptr) std::fill(g, g + p.num_classes, scalar_t(0));
 }
 
@@ -218,7 +281,8 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   const T gamma = static_cast<T>(p.gamma);
   const Vec vgamma(gamma);
   const T scale = load_scale<T>(p);
-  const LogitTransform tf = LogitTransform::from(p);
+  RowTransform<T> tf(p, false);
+  const bool factor_on = tf.factor_on();
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
@@ -227,23 +291,25 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
       skip_row(p, i, g);
       continue;
     }
+    if (p.z_rows != nullptr) static_cast<T*>(p.z_rows)[i] = 0;  // no z-loss for the one-vs-all losses
     const int64_t y = t.column;
-    const T zy = target_logit(tf, z, y);  // read first: in place, the pieces below overwrite it
+    const T zy_raw = static_cast<T>(z[y]);  // read first: in place, the pieces below overwrite it
+    const T zy = tf.scalar().logit(zy_raw, y, true);
     const T a = t.weight<T>(p);
     const T k = a * scale;
     const Vec vk(k);
     Vec acc(0);
-    // Every class as a non-target (v = -z, d l / d z = +dloss); the target's lane is then dropped
+    // Every class as a non-target (v = -z', d l / d z' = +dloss); the target's lane is then dropped
     // from the sum and its gradient rewritten below.
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      Vec l, dl;
-      focal_term<G, VecMath<T>>(Vec(0) - load_logits(tf, z, j, n), vgamma, l, dl);
+      Vec l, dl, sech2;
+      focal_term<G, VecMath<T>>(Vec(0) - tf.first(load(z + j, n), j, n, &sech2), vgamma, l, dl);
       acc = acc + drop_target(head(l, n), j, n, y);
-      if (g != nullptr) store_grad(tf, g, j, dl * vk, n);
+      if (g != nullptr) store(g + j, factor_on ? tf.grad(dl * vk, j, n, &sech2) : dl * vk, n);
     });
     T ly, dly;
     focal_term<G, ScalarMath<T>>(zy, gamma, ly, dly);
-    if (g != nullptr) store_target_grad(tf, g, y, -dly * k);
+    if (g != nullptr) g[y] = static_cast<scalar_t>(tf.target_grad(-dly * k, zy_raw, y));
     static_cast<T*>(p.loss)[i] = a * (hsum(acc) + ly);
   }
 }
@@ -257,7 +323,8 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   const int64_t C = p.num_classes;
   const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p));
   const bool smoothing = epilogue.smoothing();
-  const LogitTransform tf = LogitTransform::from(p);
+  RowTransform<T> tf(p, true);
+  const bool transformed = tf.on(), factor_on = tf.factor_on();
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
   // The exps live in the gradient row when it has the compute type (no extra memory, and in place
   // they simply replace the logits already read), else in one float buffer per call, i.e. per thread.
@@ -275,12 +342,15 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
     Vec vmax = neg_inf;
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = load_logits(tf, z, j, n);
+      const Vec x = transformed ? tf.first(load(z + j, n), j, n) : load(z + j, n);
       // A NaN may or may not survive this max; either way it reaches the row's sum through its exp.
       vmax = at::vec::clamp_min(n == Vec::size() ? x : Vec::set(neg_inf, x, n), vmax);
     });
-    const T m = hmax(vmax);
-    const T zy = target_logit(tf, z, y);
+    T m = hmax(vmax);
+    const T zy_raw = static_cast<T>(z[y]);
+    const T zy = tf.scalar().logit(zy_raw, y, true);
+    // The target's lane above had no margin: a negative margin can lift z'_y above every lane.
+    if (tf.scalar().margin != nullptr && zy > m) m = zy;
 
     T* e = nullptr;
     if constexpr (kExpsInGrad) {
@@ -291,7 +361,7 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
     const Vec vm(m);
     Vec s_other(0), dist(0);  // sum_{j != y} exp(z_j - m); sum_j (m - z_j) for label smoothing
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = load_logits(tf, z, j, n);
+      const Vec x = transformed ? tf.again(load(z + j, n), j, n) : load(z + j, n);
       const Vec ex = exp_nonpos(x - vm);
       if (e != nullptr) store(e + j, ex, n);
       s_other = s_other + drop_target(head(ex, n), j, n, y);
@@ -300,14 +370,21 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
     const T ey = cb_exp(zy - m);
     if (e != nullptr) e[y] = ey;
 
-    const SoftmaxRowStats<T> st{m, zy, ey, hsum(s_other), smoothing ? hsum(dist) : T(0), T(0)};
+    T dist_sum = smoothing ? hsum(dist) : T(0);
+    // The target's lane entered dist without its margin: m - z'_y = (m - lane) + (lane - z'_y).
+    if (smoothing && tf.scalar().margin != nullptr) dist_sum += tf.scalar().logit(zy_raw, y, false) - zy;
+    const SoftmaxRowStats<T> st{m, zy, ey, hsum(s_other), dist_sum, T(0)};
     const SoftmaxRowOut<T> out = epilogue(st, t.weight<T>(p));
     static_cast<T*>(p.loss)[i] = out.loss;
+    if (p.z_rows != nullptr) static_cast<T*>(p.z_rows)[i] = out.z;
     if (g == nullptr) continue;
 
     const Vec k1(out.k1), k0(out.k0);
-    for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) { store_grad(tf, g, j, load(e + j, n) * k1 - k0, n); });
-    store_target_grad(tf, g, y, out.gy);
+    for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) {
+      const Vec d = load(e + j, n) * k1 - k0;
+      store(g + j, factor_on ? tf.grad(d, j, n) : d, n);
+    });
+    g[y] = static_cast<scalar_t>(factor_on ? tf.target_grad(out.gy, zy_raw, y) : out.gy);
   }
 }
 
