@@ -20,7 +20,7 @@ from .losses import (
     class_balanced_loss,
 )
 from .training import ClassCounter, distributed_normalizer
-from .weights import beta_from_num_samples, class_balanced_weights, effective_number
+from .weights import beta_from_num_samples, class_balanced_weights, effective_number, ldam_margins, logit_adjustment
 
 __all__ = [
     "__version__",
@@ -37,7 +37,9 @@ __all__ = [
     "class_balanced_weights",
     "distributed_normalizer",
     "effective_number",
+    "ldam_margins",
     "linear_cb_loss",
+    "logit_adjustment",
 ]
 
 # `import cbkernels.cb_focal` works and leaves `cbkernels.cb_focal` the function: the import system

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import _validation as V
 from ._backends import get_backend, resolve_backend
-from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
+from ._opdefs import FOCAL, NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LogitTensors, LossSpec, loss_dtype
 from ._torch_stages import (
     check_targets,
     focal_terms,
@@ -79,6 +79,8 @@ class _Config:
     backend: str  # resolved name; unused by the vocab-parallel path
     allow_retain_graph: bool
     shard: Optional[_VocabShard]
+    tensors: LogitTensors = NO_TENSORS  # the [V] transform vectors (SPEC section 10)
+    return_z_loss: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,6 +371,7 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     want_grad = want_h or want_w or want_b
     shard = cfg.shard
     loss = torch.zeros(n, dtype=acc, device=device)
+    z_rows = torch.empty(n, dtype=acc, device=device) if cfg.return_z_loss and row_scale is None else None
     partial = torch.zeros(n, dtype=acc, device=device) if shard is not None else None
     # Vocab-parallel: every rank contributes to every row of grad_hidden, so it is summed over ranks;
     # keep the partial sums at accumulator precision until then.
@@ -404,11 +407,13 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
                 if part is not None:
                     partial[r0:r1] = part
             elif want_grad:
-                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, chunk_spec)
+                tensors = cfg.tensors if z_rows is None else cfg.tensors._replace(z_rows=z_rows[r0:r1])
+                loss[r0:r1] = fwd_inplace(z, target[r0:r1], weight, scale, chunk_spec, tensors)
                 if row_scale is not None:
                     z.mul_(row_scale[r0:r1].unsqueeze(1))  # computed at row_scale's precision, rounded once
             else:
-                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, chunk_spec, False)[0]
+                tensors = cfg.tensors if z_rows is None else cfg.tensors._replace(z_rows=z_rows[r0:r1])
+                loss[r0:r1] = fwd(z, target[r0:r1], weight, scale, chunk_spec, False, tensors)[0]
             if want_h:
                 if gh.dtype == dtype:
                     torch.mm(z, w_proj, out=gh[r0:r1])
@@ -429,37 +434,44 @@ def _run_chunks(h: Tensor, w_proj: Tensor, bias: Optional[Tensor], target: Tenso
     out = [loss]
     for g in (gh, gw, gb):
         out.append(None if g is None else g.to(dtype))
-    return tuple(out)
+    return (*out, z_rows)
 
 
 class _LinearCBLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], target: Tensor, weight: Tensor,
-                cfg: _Config, scale: Optional[Tensor] = None) -> Tensor:
+                cfg: _Config, scale: Optional[Tensor] = None):
+        """``(loss, z_term)``: the z-loss part of the loss under the same reduction with ``cfg.return_z_loss``
+        (else an empty tensor), not differentiable."""
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if scale is None:  # a normalizer's scale replaces the reduction's (SPEC section 12)
             scale = reduction_scale(target, weight, cfg.spec, loss_dtype(hidden.dtype))
         ctx.cfg, ctx.want = cfg, want
         if cfg.spec.reduction == "none":
-            loss = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg, (False, False, False))[0]
+            loss, _, _, _, z_rows = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg,
+                                                (False, False, False))
             if any(want):
                 ctx.save_for_backward(hidden, lm_weight, bias, target, weight)
-            return loss
-        loss, gh, gw, gb = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg, want)
+            z_term = z_rows if z_rows is not None else loss.new_empty(0)
+            ctx.mark_non_differentiable(z_term)
+            return loss, z_term
+        loss, gh, gw, gb, z_rows = _run_chunks(hidden, lm_weight, bias, target, weight, scale, cfg, want)
         # Plain attributes, not save_for_backward: backward may consume them in place.
         ctx.grads = (gh, gw, gb) if any(want) else None
         total = loss.sum()
-        return total if cfg.spec.reduction == "sum" else total * scale
+        z_term = loss.new_empty(0) if z_rows is None else z_rows.sum() * scale.to(z_rows.dtype)
+        ctx.mark_non_differentiable(z_term)
+        return (total if cfg.spec.reduction == "sum" else total * scale), z_term
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx, grad_output: Tensor, _grad_z_term=None):
         cfg, want = ctx.cfg, ctx.want
         grad_output = grad_output.detach()
         if cfg.spec.reduction == "none":
             hidden, lm_weight, bias, target, weight = ctx.saved_tensors
             one = torch.ones((), dtype=grad_output.dtype, device=grad_output.device)
-            _, gh, gw, gb = _run_chunks(hidden, lm_weight, bias, target, weight, one, cfg, want,
-                                        row_scale=grad_output)
+            _, gh, gw, gb, _ = _run_chunks(hidden, lm_weight, bias, target, weight, one, cfg, want,
+                                           row_scale=grad_output)
         elif cfg.allow_retain_graph:
             gh, gw, gb = (None if g is None else g * grad_output for g in ctx.grads)
         else:
@@ -498,7 +510,13 @@ def linear_cb_loss(
     backend: str = "auto",
     allow_retain_graph: bool = False,
     normalizer=None,
-) -> Tensor:
+    softcap: Optional[float] = None,
+    logit_offset: Optional[Tensor] = None,
+    target_margin: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
     """Class-balanced loss of the logits ``hidden @ lm_weight.T + bias``, never materialising them.
 
     Equals ``class_balanced_loss(F.linear(hidden, lm_weight, bias), target, ...)`` for every
@@ -522,10 +540,14 @@ def linear_cb_loss(
             transient gradient-sized copy) so that ``retain_graph=True`` / repeated ``autograd.grad``
             work. Default: scaled in place and handed over.
         normalizer: as in ``class_balanced_loss`` (``reduction="mean"`` only): the sum is divided by it.
+        softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: the logit transforms and the
+            z-loss of SPEC sections 10-11, as in ``class_balanced_loss`` (vectors ``[V]``), applied inside each
+            chunk's fused kernel. Not with ``process_group``.
 
     Returns:
         float32 loss (float64 for float64 inputs): ``hidden.shape[:-1]`` for ``reduction="none"``,
-        else a scalar. Gradients reach ``hidden``, ``lm_weight`` and ``bias`` in their dtype.
+        else a scalar; with ``return_z_loss``, ``(loss, z_term)``. Gradients reach ``hidden``, ``lm_weight`` and
+        ``bias`` in their dtype.
 
     Vocabulary parallel (``process_group`` given): ``lm_weight`` / ``bias`` are this rank's contiguous
     shard of the classes, shards ordered by rank; ``hidden`` and ``target`` are identical on every
@@ -541,8 +563,13 @@ def linear_cb_loss(
     run backward), as with any collective.
     """
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                       reduction=reduction)
+                       reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
+                       return_z_loss=return_z_loss)
     V.check_backend(backend)
+    if process_group is not None and (spec.transforms or return_z_loss or logit_offset is not None
+                                      or target_margin is not None):
+        raise ValueError("linear_cb_loss: the logit transforms and the z-loss are not supported with process_group "
+                         "(the vocabulary-parallel path) yet")
     hidden, lm_weight, bias = _autocast_inputs(hidden, lm_weight, bias)
     if process_group is None:
         _check_hidden(hidden)
@@ -561,11 +588,14 @@ def linear_cb_loss(
     lead, hidden_size = hidden.shape[:-1], hidden.shape[-1]
     n = math.prod(lead)
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, hidden_size, vocab)
-    cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard)
+    tensors = V.logit_tensors(logit_offset, target_margin, vocab, hidden.device)
+    cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard, tensors, bool(return_z_loss))
     scale = V.normalizer_scale(normalizer, spec.reduction, hidden.device, loss_dtype(hidden.dtype))
-    loss = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w, cfg,
-                                       scale)
-    return loss.reshape(lead) if reduction == "none" else loss
+    loss, z_term = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w,
+                                               cfg, scale)
+    if reduction == "none":
+        loss, z_term = loss.reshape(lead), z_term.reshape(lead) if return_z_loss else z_term
+    return (loss, z_term) if return_z_loss else loss
 
 
 class LinearClassBalancedLoss(ReweightMixin, nn.Module):
@@ -580,33 +610,48 @@ class LinearClassBalancedLoss(ReweightMixin, nn.Module):
         loss_type, beta, gamma, reduction, ignore_index, label_smoothing, chunk_size, process_group,
             backend, allow_retain_graph: as in ``linear_cb_loss``.
         normalize, zero_count: as in ``class_balanced_weights``.
+        softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: as in ``linear_cb_loss``; the
+            vectors are kept as buffers.
     """
 
     def __init__(self, samples_per_class, loss_type: str = "softmax", beta: float = 0.999, gamma: float = 0.5,
                  reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                  chunk_size: Optional[int] = None, process_group=None, backend: str = "auto", *,
-                 normalize: bool = True, zero_count: str = "error", allow_retain_graph: bool = False):
+                 normalize: bool = True, zero_count: str = "error", allow_retain_graph: bool = False,
+                 softcap: Optional[float] = None, logit_offset: Optional[Tensor] = None,
+                 target_margin: Optional[Tensor] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
+                 return_z_loss: bool = False):
         super().__init__()
+        # checked now; forward builds the spec from the attributes as they are then
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                    reduction=reduction)  # checked now; forward builds the spec from the attributes as they are then
+                    reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
+                    return_z_loss=return_z_loss)
         V.check_backend(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 (or None), got {chunk_size!r}")
         self.register_buffer("weight", self._init_counts(samples_per_class, beta, normalize, zero_count))
+        c, dev = self.weight.shape[0], self.weight.device
+        for name, v in (("logit_offset", logit_offset), ("target_margin", target_margin)):
+            self.register_buffer(name, V.class_vector(name, v.to(dev) if isinstance(v, Tensor) else v, c, dev))
         self.loss_type, self.beta, self.gamma = loss_type, beta, gamma
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.chunk_size, self.process_group, self.backend = chunk_size, process_group, backend
         self.allow_retain_graph = allow_retain_graph
+        self.softcap, self.logit_scale, self.z_loss, self.return_z_loss = softcap, logit_scale, z_loss, return_z_loss
 
     def forward(self, hidden: Tensor, lm_weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
-                normalizer=None) -> Tensor:
+                normalizer=None):
         return linear_cb_loss(hidden, lm_weight, target, loss_type=self.loss_type, gamma=self.gamma,
                               weight=self.weight, bias=bias, reduction=self.reduction,
                               ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                               chunk_size=self.chunk_size, process_group=self.process_group,
                               backend=self.backend, allow_retain_graph=self.allow_retain_graph,
-                              normalizer=normalizer)
+                              normalizer=normalizer, softcap=getattr(self, "softcap", None),
+                              logit_offset=getattr(self, "logit_offset", None),
+                              target_margin=getattr(self, "target_margin", None),
+                              logit_scale=getattr(self, "logit_scale", 1.0), z_loss=getattr(self, "z_loss", 0.0),
+                              return_z_loss=getattr(self, "return_z_loss", False))
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "

@@ -117,6 +117,49 @@ def beta_from_num_samples(num_samples: int) -> float:
     return (num_samples - 1) / num_samples
 
 
+
+def _nonempty_counts(samples_per_class: Counts, what: str) -> torch.Tensor:
+    """float64 counts with no empty class (an empty class has no prior to adjust by, nor a margin: SPEC sections 1,
+    10)."""
+    n = _counts_tensor(samples_per_class)
+    empty = int((n == 0).sum())
+    if empty:
+        raise ValueError(f"samples_per_class has {empty} empty class(es) (count 0): {what} is undefined for them "
+                         "(log 0 / 0^(-1/4)); drop those classes or give them a count")
+    return n
+
+
+def logit_adjustment(samples_per_class: Counts, tau: float = 1.0) -> torch.Tensor:
+    """Per-class logit offsets ``o_c = tau * log(pi_c)``, ``pi = n / sum(n)`` (SPEC section 10): pass as
+    ``logit_offset=`` for logit-adjusted training (Menon et al., ICLR 2021); ``tau = 1`` is Balanced Softmax (Ren et
+    al., NeurIPS 2020). Computed in float64, returned float32 ``[C]`` on the CPU.
+
+    Args:
+        samples_per_class: ``[C]`` counts over the whole training set (list, numpy array or tensor), none 0.
+        tau: the temperature, a finite number (0 gives all zeros).
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    n = _nonempty_counts(samples_per_class, "the logit adjustment")
+    return (float(tau) * torch.log(n / n.sum())).float()
+
+
+def ldam_margins(samples_per_class: Counts, max_margin: float = 0.5) -> torch.Tensor:
+    """LDAM's per-class margins ``m_c = C' n_c^(-1/4)`` scaled so that the rarest class gets ``max_margin`` (Cao et
+    al., NeurIPS 2019; SPEC section 10): pass as ``target_margin=`` (with ``logit_scale=30`` as in LDAM's recipe).
+    Computed in float64, returned float32 ``[C]`` on the CPU.
+
+    Args:
+        samples_per_class: ``[C]`` counts over the whole training set, none 0.
+        max_margin: the largest margin, a finite number > 0.
+    """
+    if (isinstance(max_margin, bool) or not isinstance(max_margin, (int, float)) or not math.isfinite(max_margin)
+            or max_margin <= 0):
+        raise ValueError(f"max_margin must be a finite number > 0, got {max_margin!r}")
+    n = _nonempty_counts(samples_per_class, "the LDAM margin")
+    m = n.pow(-0.25)
+    return (m * (float(max_margin) / m.max())).float()
+
 class ReweightMixin:
     """``reweight()`` for a loss module holding its class weights in the buffer ``weight`` (SPEC section 13)."""
 

@@ -282,21 +282,36 @@ class SoftmaxEpilogue {
 // rule dl/dz = s (1 - tanh(z / c)^2) dl/dz'. Each is off at its identity (c = 0, no vector, s = 1) and then costs a
 // predictable branch per call site, no arithmetic: a scale of 1 multiplies exactly, so bits do not change.
 
-// tanh(x) and 1 - tanh(x)^2 from one expm1(-2|x|) = em in (-1, 0]: tanh|x| = -em / (2 + em) and
-// sech^2 x = 4 (1 + em) / (2 + em)^2. Neither form cancels: tanh keeps full relative precision for tiny x (where
-// (1 - e) / (1 + e) would not), and sech^2 stays accurate where tanh rounds to 1 (1 - t^2 would be 0).
+// tanh(x) and 1 - tanh(x)^2 without cancellation. With e = exp(-2|x|) in (0, 1]: sech^2 x = 4 e / (1 + e)^2 is
+// accurate everywhere (1 - t^2 would be 0 where t rounds to 1, and 1 + expm1(-2|x|) cancels there too), and
+// tanh|x| = (1 - e) / (1 + e) once 1 - e >= 0.39 (|x| >= 1/4). Below, tanh is its odd series to x^9 (the next term is
+// below 1e-8 relative) in float; double takes -expm1(-2|x|) / (2 + expm1(-2|x|)) (a second transcendental, where
+// speed matters less than digits).
 template <typename T>
 struct Tanh {
   T t;      // tanh(x)
   T sech2;  // 1 - tanh(x)^2
 };
 template <typename T>
+CB_HOST_DEVICE T tanh_small(T x) {  // tanh(x) for |x| < 1/4, float accuracy
+  const T x2 = x * x;
+  return x + x * x2 * (T(-1.0 / 3) + x2 * (T(2.0 / 15) + x2 * (T(-17.0 / 315) + x2 * T(62.0 / 2835))));
+}
+template <typename T>
 CB_HOST_DEVICE Tanh<T> tanh_sech2(T x) {
-  const T em = cb_expm1(T(-2) * cb_fabs(x));
-  const T d = T(1) / (T(2) + em);
+  const T ax = cb_fabs(x);
+  const T e = cb_exp(T(-2) * ax);
+  const T d = T(1) / (T(1) + e);
   Tanh<T> r;
-  r.t = cb_copysign(-em * d, x);
-  r.sech2 = T(4) * (T(1) + em) * d * d;
+  r.sech2 = T(4) * e * d * d;
+  T t_abs;
+  if constexpr (sizeof(T) == sizeof(double)) {
+    const T em = cb_expm1(T(-2) * ax);
+    t_abs = -em / (T(2) + em);
+  } else {
+    t_abs = ax < T(0.25) ? tanh_small(ax) : (T(1) - e) * d;
+  }
+  r.t = cb_copysign(t_abs, x);
   return r;
 }
 
