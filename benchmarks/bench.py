@@ -11,6 +11,9 @@
   weights (a call is ``class_balanced_loss(..., weight=w)``) for every backend that
   ``cbkernels.available_backends()`` reports at run time; ``cb:<backend>+inplace`` (only when named in
   ``--providers``) adds ``inplace_backward=True``.
+- ``naive+tf`` and ``cb:<backend>+tf``: the same with all four logit transforms of SPEC section 10 and the z-loss
+  (softmax losses) on (``TRANSFORMS``): naive+tf transforms the logits with PyTorch ops, then calls the naive loss
+  and adds the z-loss; a ``+tf`` provider's speed-up is against ``naive+tf``. In the default providers.
 
 Results: a table on stdout, and ``<stem>.json`` / ``.md`` / ``.png`` under ``--out`` (``benchmarks/report.py``
 writes them). Importing this module needs neither matplotlib nor triton (both load lazily, only when used).
@@ -49,7 +52,30 @@ SHAPES: Dict[str, Tuple[int, int]] = {
 }
 QUICK_SHAPES: Dict[str, Tuple[int, int]] = {"small": (128, 1000)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy")
+FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy", "naive+tf")
+TF_BASELINE = "naive+tf"
+# The "+tf" providers' options: Gemma-2's softcap, logit adjustment (tau 1), LDAM's margins, a scale and PaLM's z-loss.
+SOFTCAP, LOGIT_SCALE, Z_LOSS = 30.0, 2.0, 1e-4
+
+
+def transform_vectors(classes: int, device) -> Tuple[Tensor, Tensor]:
+    """The +tf providers' ``logit_offset`` and ``target_margin`` from the cases' long-tailed counts."""
+    import cbkernels
+
+    counts = harness.long_tailed_counts(classes)
+    return cbkernels.logit_adjustment(counts).to(device), cbkernels.ldam_margins(counts).to(device)
+
+
+def naive_transformed_loss(x: Tensor, t: Tensor, w: Tensor, offset: Tensor, margin: Tensor, *, loss_type: str,
+                           gamma: float) -> Tensor:
+    """What users write today for the transforms: PyTorch ops on the logits, then the naive loss (+ z-loss)."""
+    z = SOFTCAP * torch.tanh(x / SOFTCAP) + offset.to(x.dtype)
+    z = z.scatter_add(1, t[:, None], -margin[t][:, None].to(x.dtype))
+    z = z * LOGIT_SCALE
+    loss = naive_cb_loss(z, t, w, loss_type=loss_type, gamma=gamma)
+    if loss_type in ("softmax", "softmax_focal"):
+        loss = loss + Z_LOSS * torch.logsumexp(z.float(), dim=-1).pow(2).mean()
+    return loss
 
 # Logits below this many elements are timed in batches of steps (INNER_ELEMS // numel of them, at most MAX_INNER):
 # a single step there lasts tens of microseconds, close to the timer's and the loop's own cost.
@@ -157,7 +183,8 @@ def cb_provider_names(device: str, *, explicit: Sequence[str] = ()) -> Tuple[Lis
 
 
 def default_providers(device: str) -> List[str]:
-    return list(FIXED_PROVIDERS) + cb_provider_names(device)[0]
+    cb_names = cb_provider_names(device)[0]
+    return list(FIXED_PROVIDERS) + cb_names + [n + "+tf" for n in cb_names]
 
 
 def applies(provider: str, loss: str) -> bool:
@@ -182,6 +209,10 @@ def make_provider(name: str, case: Case) -> Provider:
         harness.sync(case.logits.device)
         p.compile_s = time.perf_counter() - t0
         return p
+    if name == TF_BASELINE:
+        offset, margin = transform_vectors(case.classes, case.logits.device)
+        return Provider(name, lambda x: naive_transformed_loss(x, t, w, offset, margin, loss_type=lt, gamma=g),
+                        (t, w, offset, margin))
     if name == "F.cross_entropy":
         if lt != "softmax":
             raise ValueError("F.cross_entropy only applies to the softmax loss")
@@ -192,15 +223,20 @@ def make_provider(name: str, case: Case) -> Provider:
         from cbkernels._backends import resolve_backend
 
         backend, _, variant = name[3:].partition("+")
-        if variant not in ("", "inplace"):
-            raise ValueError(f"unknown provider {name!r}: the only variant is cb:<backend>+inplace")
+        if variant not in ("", "inplace", "tf"):
+            raise ValueError(f"unknown provider {name!r}: the variants are cb:<backend>+inplace and +tf")
         resolve_backend(backend, case.logits.device)  # a clear error when it cannot run here
         # +inplace: inplace_backward=True, the gradient written over the logits (which the steps then keep
         # overwriting: fine for timing and memory, the values stay finite).
         inplace = variant == "inplace"
+        tf = {}
+        if variant == "tf":
+            offset, margin = transform_vectors(case.classes, "cpu")
+            tf = dict(softcap=SOFTCAP, logit_offset=offset, target_margin=margin, logit_scale=LOGIT_SCALE,
+                      z_loss=Z_LOSS if lt in ("softmax", "softmax_focal") else 0.0)
         # The module form with the case's precomputed weights (what a training loop holds).
         module = cbkernels.ClassBalancedLoss([1] * case.classes, loss_type=lt, gamma=g, backend=backend,
-                                             inplace_backward=inplace).to(w.device)
+                                             inplace_backward=inplace, **tf).to(w.device)
         module.weight = w
         return Provider(name, lambda x: module(x, t), (t, w))
     raise ValueError(f"unknown provider {name!r}")
@@ -346,9 +382,11 @@ def run_case(case: Case, provider_names: Sequence[str], opts: Options,
         if recompiled and name == "naive+compile":
             _add_note(row, f"{recompiled} graph(s) compiled during the timed rounds")
     base = rows.get(BASELINE, {}).get("median_ms")
-    for row in rows.values():
-        if base and row.get("median_ms"):
-            row["speedup"] = base / row["median_ms"]
+    tf_base = rows.get(TF_BASELINE, {}).get("median_ms")
+    for name, row in rows.items():
+        b = tf_base if name.endswith("+tf") else base
+        if b and row.get("median_ms"):
+            row["speedup"] = b / row["median_ms"]
     return list(rows.values())
 
 
@@ -408,6 +446,7 @@ providers:
   cb:<backend>     cbkernels.ClassBalancedLoss(..., backend=<backend>) with precomputed weights, each backend
   cb               all cb:<backend>
   cb:<backend>+inplace  the same with inplace_backward=True (only when named)
+  naive+tf, cb:<backend>+tf  all four logit transforms and the z-loss on; +tf speed-ups are against naive+tf
   on this machine's CPU: {here}
 shapes: {shapes}, or any BxC.
 memory: kept = bytes held from forward to backward (CPU: allocator records from torch.profiler;
@@ -451,15 +490,16 @@ def _select_providers(requested: Optional[List[str]], device: str, quick: bool) 
             # Compiling costs 5-15 s per case on a small CPU (until inductor's cache is warm): more than the
             # rest of a quick pass together.
             notes.append("--quick leaves out naive+compile; name it in --providers to include it")
-            return [p for p in FIXED_PROVIDERS if p != "naive+compile"] + cb_names, notes
-        return list(FIXED_PROVIDERS) + cb_names, notes
+            fixed = [p for p in FIXED_PROVIDERS if p != "naive+compile"]
+            return fixed + cb_names + [n + "+tf" for n in cb_names], notes
+        return list(FIXED_PROVIDERS) + cb_names + [n + "+tf" for n in cb_names], notes
     out: List[str] = []
     for name in requested:
         if name == "cb":
             out += cb_names
         elif name in FIXED_PROVIDERS or name in cb_names:
             out.append(name)
-        elif name.endswith("+inplace") and name[: -len("+inplace")] in cb_names:
+        elif name.partition("+")[2] in ("inplace", "tf") and name.partition("+")[0] in cb_names:
             out.append(name)
         elif name.startswith("cb:"):
             from cbkernels import available_backends

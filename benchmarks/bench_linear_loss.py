@@ -10,6 +10,8 @@ Providers, forward + backward of the mean loss with respect to ``hidden`` and ``
 - ``naive``: ``F.linear`` then ``benchmarks.harness.naive_cb_loss`` (what users write today).
 - ``linear_cross_entropy``: ``torch.nn.functional.linear_cross_entropy(..., weight=w,
   options=torch.nn.LinearCrossEntropyOptions())`` (its chunked path), softmax only, when this torch has it.
+- ``ours+softcap+zloss`` / ``naive+softcap+zloss`` (softmax losses): the same with Gemma 2's softcap (30) and PaLM's
+  z-loss (1e-4), inside the chunks' kernels for ours, as PyTorch ops on the materialised logits for naive.
 
 Time: every provider runs in the same process on the same inputs, one untimed warm-up step each, then
 ``harness.timed_rounds``: rounds in which every provider steps once, the order rotated per round so that
@@ -70,11 +72,23 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: i
     return hidden, weight, target.to(device), w.to(device)
 
 
+SOFTCAP, Z_LOSS = 30.0, 1e-4
+
+
 def providers_for(loss: str) -> List[str]:
     names = ["ours", "naive"]
     if loss == "softmax" and HAS_LCE:
         names.append("linear_cross_entropy")
+    if loss in ("softmax", "softmax_focal"):
+        names += ["ours+softcap+zloss", "naive+softcap+zloss"]
     return names
+
+
+def _naive_softcap_zloss(hidden, lm_weight, target, w, loss, gamma):
+    z = F.linear(hidden, lm_weight)
+    z = SOFTCAP * torch.tanh(z / SOFTCAP)
+    return (naive_cb_loss(z, target, w.to(hidden.dtype), loss_type=loss, gamma=gamma)
+            + Z_LOSS * torch.logsumexp(z, dim=-1).pow(2).mean())
 
 
 def make_step(name: str, loss: str, gamma: float, hidden, lm_weight, target, w) -> Callable[[], None]:
@@ -85,6 +99,11 @@ def make_step(name: str, loss: str, gamma: float, hidden, lm_weight, target, w) 
     if name == "naive":
         return lambda: naive_cb_loss(F.linear(hidden, lm_weight), target, w.to(hidden.dtype), loss_type=loss,
                                      gamma=gamma).backward()
+    if name == "ours+softcap+zloss":
+        return lambda: linear_cb_loss(hidden, lm_weight, target, weight=w, loss_type=loss, gamma=gamma,
+                                      softcap=SOFTCAP, z_loss=Z_LOSS).backward()
+    if name == "naive+softcap+zloss":
+        return lambda: _naive_softcap_zloss(hidden, lm_weight, target, w, loss, gamma).backward()
     if name == "linear_cross_entropy":
         opts = torch.nn.LinearCrossEntropyOptions()
         wd = w.to(hidden.dtype)

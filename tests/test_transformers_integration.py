@@ -35,7 +35,20 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-MODELS = {"llama": _llama, "gpt2": _gpt2}
+def _gemma2():
+    # Gemma 2 softcaps its final logits (final_logit_softcapping): the fused loss applies the same softcap.
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, final_logit_softcapping=3.0,
+                                    attn_logit_softcapping=None)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # logits well beyond the cap, so that the softcap matters
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "gemma2": _gemma2}
 
 
 def _batch(seed=0, b=3, t=17):
@@ -126,9 +139,30 @@ def test_eval_generate_and_removal_are_unchanged():
     assert model(input_ids=ids, labels=labels, attention_mask=mask).logits is not None
 
 
+def test_softcap_and_z_loss_reach_the_criterion():
+    model = _gemma2()
+    crit = apply_class_balanced_loss(model, z_loss=1e-3)
+    assert crit.softcap == 3.0 and crit.z_loss == 1e-3
+    model.train()
+    ids, labels, mask = _batch(seed=4)
+    ref_model = _gemma2()
+    logits = ref_model(input_ids=ids, attention_mask=mask).logits  # already softcapped by the model
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = shift != -100
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift.flatten()) + 1e-3 * (
+        torch.logsumexp(logits[keep], dim=-1) ** 2).mean()
+    out = model(input_ids=ids, labels=labels, attention_mask=mask)
+    torch.testing.assert_close(out.loss, ref, rtol=2e-5, atol=1e-6)
+
+
 def test_refuses_models_that_transform_their_logits():
     model = _llama()
+    model.config.output_logit_scale = 2.0
+    with pytest.raises(ValueError, match="output_logit_scale"):
+        apply_class_balanced_loss(model)
+    model = _llama()
     model.config.final_logit_softcapping = 30.0
+    model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_class_balanced_loss(model)
     with pytest.raises(ValueError, match="lm_head has V = 96"):

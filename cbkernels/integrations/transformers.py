@@ -15,10 +15,12 @@ has ``logits=None`` on that path. Every other call (eval mode, no labels, ``gene
 forward unchanged. ``remove_class_balanced_loss(model)`` restores the original forward.
 
 Works with any ``*ForCausalLM`` whose ``base_model`` returns the last hidden state first and whose
-``get_output_embeddings()`` is the ``lm_head`` linear layer (Llama, Qwen2, Mistral, GPT-2, ...). Models that
-transform the logits after ``lm_head`` (Gemma 2's ``final_logit_softcapping``, a ``logit_scale``) are refused with
-a clear error rather than trained on a different loss. Needs ``transformers`` (the ``hf`` extra); importing
-``cbkernels`` never imports it.
+``get_output_embeddings()`` is the ``lm_head`` linear layer (Llama, Qwen2, Mistral, GPT-2, Gemma 2, ...). Models
+that transform the logits after ``lm_head`` get the same transform inside the fused kernels (SPEC section 10):
+Gemma 2's ``config.final_logit_softcapping`` becomes ``softcap``, Cohere's ``config.logit_scale`` and Granite's
+``1 / config.logits_scaling`` become ``logit_scale``; a model with both a softcap and a scale, or another post-head
+transform (``output_logit_scale``), is refused with a clear error rather than trained on a different loss. Needs
+``transformers`` (the ``hf`` extra); importing ``cbkernels`` never imports it.
 """
 
 from __future__ import annotations
@@ -42,33 +44,28 @@ def apply_class_balanced_loss(model: nn.Module, samples_per_class=None, *, loss_
                               beta: float = 0.999, gamma: float = 0.5, weight: Optional[Tensor] = None,
                               label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
                               backend: str = "auto", normalize: bool = True,
-                              zero_count: str = "zero") -> LinearClassBalancedLoss:
+                              zero_count: str = "zero", z_loss: float = 0.0) -> LinearClassBalancedLoss:
     """Makes ``model`` (a ``*ForCausalLM``) train with a class-balanced loss over its vocabulary; returns the
     criterion (a ``LinearClassBalancedLoss``: ``reweight()`` it for deferred re-weighting).
 
     ``samples_per_class``: ``[V]`` token counts over the training set (``ClassCounter``), with ``beta``; or a
     precomputed ``weight`` ``[V]``; with neither, weights 1 (the model's own cross-entropy, fused). ``V`` is the
     number of rows of the ``lm_head`` weight. ``zero_count`` defaults to ``"zero"``: tokens never seen in training
-    get weight 0. The other options are ``linear_cb_loss``'s.
+    get weight 0. ``z_loss``: PaLM's z-loss (softmax losses). The other options are ``linear_cb_loss``'s; the
+    model's own post-head logit transform is read from its config (see the module docstring).
     """
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(f"{type(model).__name__}: get_output_embeddings() must be the lm_head nn.Linear, got "
                         f"{type(lm_head).__name__}")
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_logit_scale"):
-        value = getattr(config, attr, None)
-        if value not in (None, 0, 0.0, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} transforms its logits after lm_head (config.{attr}={value}); "
-                             "the fused loss computes it from the lm_head output itself and would train a "
-                             "different loss")
+    transforms = dict(_logit_transforms(model), z_loss=z_loss)
     vocab = lm_head.weight.shape[0]
     if weight is not None:
         if samples_per_class is not None:
             raise ValueError("give samples_per_class (with beta) or a precomputed weight, not both")
         crit = LinearClassBalancedLoss(torch.ones(vocab), loss_type=loss_type, beta=0.0, gamma=gamma,
                                        label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX,
-                                       chunk_size=chunk_size, backend=backend)
+                                       chunk_size=chunk_size, backend=backend, **transforms)
         if weight.shape != (vocab,):
             raise ValueError(f"weight must have shape [V] = [{vocab}] (lm_head rows), got {tuple(weight.shape)}")
         crit.weight.copy_(weight.detach().float())
@@ -77,7 +74,7 @@ def apply_class_balanced_loss(model: nn.Module, samples_per_class=None, *, loss_
         crit = LinearClassBalancedLoss(counts, loss_type=loss_type, beta=0.0 if samples_per_class is None else beta,
                                        gamma=gamma, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX,
                                        chunk_size=chunk_size, backend=backend, normalize=normalize,
-                                       zero_count=zero_count)
+                                       zero_count=zero_count, **transforms)
         if crit.weight.shape[0] != vocab:
             raise ValueError(f"samples_per_class has {crit.weight.shape[0]} classes but lm_head has V = {vocab} rows")
     remove_class_balanced_loss(model)
@@ -97,6 +94,37 @@ def apply_class_balanced_loss(model: nn.Module, samples_per_class=None, *, loss_
     model.forward = types.MethodType(forward, model)
     model.__dict__["_cbkernels_original_forward"] = original
     return crit
+
+
+def _logit_transforms(model: nn.Module) -> dict:
+    """The model's post-``lm_head`` logit transform as ``linear_cb_loss`` options, or a ValueError."""
+    config = getattr(model, "config", None)
+
+    def value(attr: str, identity: float):
+        v = getattr(config, attr, None)
+        return None if v is None or (isinstance(v, (int, float)) and v in (0, identity)) else v
+
+    softcap = value("final_logit_softcapping", 0.0)  # Gemma 2: cap * tanh(logits / cap)
+    scale = value("logit_scale", 1.0)  # Cohere: logits * logit_scale
+    divisor = value("logits_scaling", 1.0)  # Granite: logits / logits_scaling
+    other = value("output_logit_scale", 1.0)
+    name = type(model).__name__
+    if other is not None:
+        raise ValueError(f"{name} transforms its logits after lm_head (config.output_logit_scale={other}), which "
+                         "the fused loss does not reproduce; it would train a different loss")
+    if scale is not None and divisor is not None:
+        raise ValueError(f"{name} has both config.logit_scale and config.logits_scaling")
+    if divisor is not None:
+        scale = 1.0 / float(divisor)
+    if softcap is not None and scale is not None:
+        raise ValueError(f"{name} both softcaps (config.final_logit_softcapping={softcap}) and scales its logits; "
+                         "their order after lm_head is model-specific, so the fused loss refuses rather than guess")
+    out = {}
+    if softcap is not None:
+        out["softcap"] = float(softcap)
+    if scale is not None:
+        out["logit_scale"] = float(scale)
+    return out
 
 
 def remove_class_balanced_loss(model: nn.Module) -> None:
