@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from . import _autograd
@@ -210,9 +211,24 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
         offset, margin = getattr(self, "logit_offset", None), getattr(self, "target_margin", None)
         tensors = NO_TENSORS
         if offset is not None or margin is not None:
-            tensors = V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
+            tensors = self._checked_vectors(offset, margin, logits)
         return _call(logits, target, w, self._spec, self.backend, self.inplace_backward, normalizer, tensors,
                      self._spec_key[9])
+
+    def _checked_vectors(self, offset, margin, logits: Tensor):
+        """The buffers as the kernels read them, checked again only after they changed (an in-place write bumps a
+        tensor's version; a new tensor has a new identity): on a GPU the finiteness check is a launch per call."""
+        # The cache holds the checked tensors, which share the buffers' storage: a replaced buffer cannot reuse that
+        # data_ptr while the entry lives, even if it reuses the id.
+        key = tuple((id(v), v.data_ptr(), v._version, v.device) if v is not None else None for v in (offset, margin))
+        key += (logits.shape[-1], logits.device)
+        cached = getattr(self, "_vectors_cache", None)
+        if torch.compiler.is_compiling() or cached is None or cached[0] != key:
+            tensors = V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
+            if torch.compiler.is_compiling():
+                return tensors
+            self._vectors_cache = cached = (key, tensors)
+        return cached[1]
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("softcap", getattr(self, "softcap", None)),

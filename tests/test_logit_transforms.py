@@ -180,15 +180,16 @@ def test_gradcheck_all_transforms(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("return_z_loss", [False, True])
+def test_torch_compile_fullgraph(backend, return_z_loss):
     logits, target, counts = make_inputs(16, 40, seed=12)
     offset, margin = _vectors(40)
     crit = cb.ClassBalancedLoss(counts, loss_type="softmax", backend=backend, softcap=5.0, logit_offset=offset,
-                                target_margin=margin, logit_scale=2.0, z_loss=1e-2, return_z_loss=True)
+                                target_margin=margin, logit_scale=2.0, z_loss=1e-2, return_z_loss=return_z_loss)
 
     def step(z, t):
-        loss, z_term = crit(z, t)
-        return loss, z_term
+        out = crit(z, t)
+        return out if return_z_loss else (out, torch.zeros(()))
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     z1 = logits.clone().requires_grad_(True)
@@ -290,6 +291,19 @@ def test_linear_cb_loss_transforms(backend, loss_type, reduction):
         torch.testing.assert_close(z_term.double(), ref_z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hx.grad.double(), hr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(wx.grad.double(), wr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_module_rechecks_a_changed_buffer():
+    crit = cb.ClassBalancedLoss([5, 4, 3], loss_type="softmax", logit_offset=torch.zeros(3))
+    z, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    crit(z, t)
+    crit.logit_offset[1] = float("inf")  # in place: the cached check must not hide it
+    with pytest.raises(ValueError, match="logit_offset"):
+        crit(z, t)
+    crit.logit_offset = torch.tensor([0.0, 1.0, 2.0])  # a new tensor: checked, and its values used
+    ref = reference_loss(z.double(), t, crit.weight.double(), loss_type="softmax", reduction="mean",
+                         logit_offset=torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(crit(z, t).double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_module_buffers_and_repr():
