@@ -14,7 +14,9 @@ once per loss and dtype). Providers:
 - ``F.cross_entropy`` (weight=w) and ``liger`` (Liger-Kernel's fused ``liger_cross_entropy``, when installed): the
   cross-entropy baselines, softmax only;
 - ``eager``: ``benchmarks.harness.naive_cb_loss`` at the working dtype (what users write today);
-- ``compile``: ``torch.compile`` of the same function.
+- ``compile``: ``torch.compile`` of the same function;
+- ``triton+tf`` / ``cuda+tf`` / ``eager+tf``: the same with all four logit transforms and the z-loss on (SPEC
+  sections 10-11; the options of ``benchmarks.bench``'s ``+tf`` providers).
 
 Effective bandwidth = (logits read + gradient written) / time, also as a fraction of a device-to-device copy
 measured in the same run. Below 2^20 logits (the CIFAR shapes) each provider's kernel launches per step are
@@ -87,7 +89,20 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
 
         return step
     x = logits.detach().clone().requires_grad_(True)
-    if provider in ("triton", "cuda"):
+    if provider.endswith("+tf"):
+        from benchmarks.bench import LOGIT_SCALE, SOFTCAP, Z_LOSS, naive_transformed_loss, transform_vectors
+
+        offset, margin = transform_vectors(logits.shape[1], logits.device)
+        base = provider[: -len("+tf")]
+        tf = dict(softcap=SOFTCAP, logit_offset=offset, target_margin=margin, logit_scale=LOGIT_SCALE,
+                  z_loss=Z_LOSS if loss_type in ("softmax", "softmax_focal") else 0.0)
+
+        def fn(z):
+            if base == "eager":
+                return naive_transformed_loss(z, target, weight, offset, margin, loss_type=loss_type, gamma=GAMMA)
+            return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
+                                          backend=base, **tf)
+    elif provider in ("triton", "cuda"):
         def fn(z):
             return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
                                           backend=provider)
@@ -238,7 +253,8 @@ def main(argv=None) -> int:
     if args.providers is None:
         has_cuda_backend = args.device == "cuda" and "cuda" in cb.available_backends()
         args.providers = ["triton", "triton-kernel"] + (["cuda", "cuda-kernel"] if has_cuda_backend else [])
-        args.providers += ["F.cross_entropy", "liger", "eager", "compile"]
+        args.providers += ["F.cross_entropy", "liger", "eager", "compile", "triton+tf"]
+        args.providers += (["cuda+tf"] if has_cuda_backend else []) + ["eager+tf"]
     cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
     result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["gpu"]).strip("-").lower()
