@@ -78,10 +78,13 @@ class CBLossFunction(torch.autograd.Function):
         if want_grad:
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(z_rows)
+        ctx.set_materialize_grads(False)  # no zeros made for z_rows' (never used) gradient: one op less per backward
         return (loss.reshape(lead_shape) if ctx.per_row else loss), z_rows
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor, _grad_z_rows=None):
+    def backward(ctx, grad_output: Optional[Tensor], _grad_z_rows=None):
+        if grad_output is None:  # (only z_rows was used downstream; it has no gradient)
+            return (None,) * 9
         (grad,) = ctx.saved_tensors
         grad_output = grad_output.detach()
         go = grad_output.reshape(-1, 1).to(grad.dtype) if ctx.per_row else grad_output

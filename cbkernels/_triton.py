@@ -8,6 +8,8 @@ to the current stream of the logits' device, and CPU tensors run the same kernel
 (``TRITON_INTERPRET=1``, read by Triton when it is first imported: ``triton.jit`` then builds interpreter
 functions, its own standard library included, for the whole process).
 float64 logits are computed in float64 (the loss is then float64 too, as in the torch backend).
+The logit transforms and the z-loss (SPEC sections 10-11) are the kernels' own (``transform_flags``: one constexpr
+each, so that with none of them the kernels are the transform-free ones).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _opdefs
-from ._opdefs import FOCAL, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LossSpec, loss_dtype
+from ._opdefs import FOCAL, NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LogitTensors, LossSpec, loss_dtype
 
 # The kernels' GAMMA_CASE codes (_triton_kernels names them too, as Triton constexprs).
 GAMMA_ZERO, GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY = 0, 1, 2, 3, 4
@@ -44,6 +46,7 @@ ONE_VS_ALL_SINGLE_TILE_MAX = {2: 8192, 4: 8192, 8: 128}
 # Their per-row state also costs registers: 64 rows of 64 float32 classes spilled 8 B on sm_90 at the 128 cap.
 ONE_VS_ALL_MAX_ROWS = 32
 LOOP_BLOCK = {2: 4096, 4: 4096, 8: 128}  # column tile of the loop and split paths
+SOFTCAP_SINGLE_TILE_MAX = 8192  # softmax single tiles above it are halved with a softcap (single_tile_max)
 # Split a row over programs when there are fewer than SPLIT_ROWS_PER_SM * SMs rows, aiming at
 # SPLIT_TARGET_PER_SM programs per SM, at most MAX_SPLITS per row.
 SPLIT_ROWS_PER_SM = 2
@@ -99,9 +102,10 @@ def _warps(elems: int) -> int:
 
 
 def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[int] = None,
-                one_vs_all: bool = False) -> Plan:
+                one_vs_all: bool = False, softcap: bool = False) -> Plan:
     """Pick the kernel shape for ``n`` rows of ``c`` classes of ``itemsize``-byte logits (``align``: see align_for;
-    None stands for 16-byte accesses; ``one_vs_all``: the launched loss is sigmoid or focal)."""
+    None stands for 16-byte accesses; ``one_vs_all``: the launched loss is sigmoid or focal; ``softcap``: HAS_SOFTCAP,
+    see single_tile_max)."""
     block = max(16, _next_pow2(c))
     if block <= min(SMALL_C_MAX, TILE_ELEMS[itemsize]):
         # Narrow accesses (odd C: an address per element) take half the tile: the softmax rows with their exactly
@@ -110,7 +114,7 @@ def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[in
         tile = TILE_ELEMS[itemsize] // (2 if narrow and not one_vs_all else 1)
         rows = max(1, min(ONE_VS_ALL_MAX_ROWS if one_vs_all else MAX_ROWS, tile // block))
         return Plan(rows, block, _warps(rows * block), True)
-    if block <= single_tile_max(itemsize, align, one_vs_all):
+    if block <= single_tile_max(itemsize, align, one_vs_all, softcap):
         return Plan(1, block, _warps(block), True)
     block = LOOP_BLOCK[itemsize]
     tiles = _cdiv(c, block)
@@ -123,11 +127,15 @@ def plan_launch(n: int, c: int, itemsize: int, sm_count: int, align: Optional[in
     return Plan(1, block, _warps(block), False)
 
 
-def single_tile_max(itemsize: int, align: Optional[int], one_vs_all: bool) -> int:
-    """The largest padded row kept on chip as one tile."""
+def single_tile_max(itemsize: int, align: Optional[int], one_vs_all: bool, softcap: bool = False) -> int:
+    """The largest padded row kept on chip as one tile. A softcapped softmax tile keeps each element's sech^2 for
+    the gradient besides its exponential: 16384 such values per tile spilled 8-16 B on sm_80
+    (tools/gpu_build_check.py), so that takes half the tile (the one-vs-all losses keep nothing across a pass)."""
     narrow = align is not None and align * itemsize < 16
     limit = (SINGLE_TILE_MAX_NARROW if narrow else SINGLE_TILE_MAX)[itemsize]
-    return min(limit, ONE_VS_ALL_SINGLE_TILE_MAX[itemsize]) if one_vs_all else limit
+    if one_vs_all:
+        return min(limit, ONE_VS_ALL_SINGLE_TILE_MAX[itemsize])
+    return max(16, limit // 2) if softcap and limit > SOFTCAP_SINGLE_TILE_MAX else limit
 
 
 def align_for(c: int, stride_z: int, stride_g: int, itemsize: int) -> int:
@@ -148,6 +156,26 @@ def kernel_flags(loss_type: int, gamma: float, label_smoothing: float) -> Tuple[
             return (SIGMOID if loss_type == FOCAL else SOFTMAX), GAMMA_ZERO, False
         return loss_type, _GAMMA_CASES.get(gamma, GAMMA_ANY), False
     return loss_type, GAMMA_ZERO, loss_type == SOFTMAX and label_smoothing != 0.0
+
+
+def transform_flags(spec: LossSpec, tensors: LogitTensors, loss_type: int) -> Tuple[bool, ...]:
+    """(HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, HAS_ZLOSS, HAS_SCALE) of the loss kernel, for the launched
+    ``loss_type`` (the z-loss is the softmax losses'; the API edge refuses it for the others)."""
+    zloss = spec.z_loss != 0.0 and loss_type in (SOFTMAX, SOFTMAX_FOCAL)
+    return (spec.softcap != 0.0, tensors.logit_offset is not None, tensors.target_margin is not None, zloss,
+            spec.logit_scale != 1.0)
+
+
+def split_transform_flags(loss_type: int, has_grad: bool, flags: Tuple[bool, ...]
+                          ) -> Tuple[Tuple[bool, ...], Tuple[bool, ...]]:
+    """The transform flags of the split path's two kernels: the first leaves statistics (no z-loss); the finish
+    kernel adds the z-loss and reads logits only for the softmax gradient (the one-vs-all finish only sums; without
+    the gradient the scale only ever entered the statistics)."""
+    softcap, offset, margin, zloss, scale = flags
+    first = (softcap, offset, margin, False, scale)
+    if loss_type in (SIGMOID, FOCAL):
+        return first, NO_TRANSFORM_FLAGS
+    return first, ((softcap, offset, margin, zloss, scale) if has_grad else (False, False, False, zloss, False))
 
 
 def finish_flags(loss_type: int, gamma_case: int, has_smoothing: bool, has_grad: bool) -> Tuple[int, int, bool, bool]:
@@ -176,11 +204,21 @@ def kernels():
     return _triton_kernels
 
 
+TRANSFORM_FLAGS = ("HAS_SOFTCAP", "HAS_OFFSET", "HAS_MARGIN", "HAS_ZLOSS", "HAS_SCALE")
+NO_TRANSFORM_FLAGS = (False,) * len(TRANSFORM_FLAGS)
+
+
 def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec, grad: Optional[Tensor],
-            plan: Optional[Plan] = None) -> Tensor:
+            plan: Optional[Plan] = None, tensors: LogitTensors = NO_TENSORS) -> Tensor:
     n, c = logits.shape
     cdtype = loss_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cdtype, device=logits.device)
+    lt, gamma_case, smooth = kernel_flags(spec.loss_type, spec.gamma, spec.label_smoothing)
+    flags = transform_flags(spec, tensors, lt)
+    z_rows = tensors.z_rows
+    if z_rows is not None and not flags[3]:
+        z_rows.zero_()  # no z-loss: every row's term is 0
+        z_rows = None
     if n == 0:
         return loss
     on_cpu = logits.device.type == "cpu"
@@ -188,7 +226,6 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec:
     if on_cpu and type(k.cb_loss_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("the triton backend runs CPU tensors only under the Triton interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
-    lt, gamma_case, smooth = kernel_flags(spec.loss_type, spec.gamma, spec.label_smoothing)
     has_grad = grad is not None
     if has_grad and on_cpu and grad.dtype == torch.bfloat16:
         # The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest even): let it write
@@ -196,7 +233,7 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec:
         # interpreter's float32 math is numpy's, not the GPU's approximations (_triton_kernels' docstring; the
         # device model in tests/test_triton.py).
         grad32 = torch.empty(grad.shape, dtype=torch.float32)
-        loss = _launch(logits, target, weight, scale, spec, grad32, plan)
+        loss = _launch(logits, target, weight, scale, spec, grad32, plan, tensors)
         grad.copy_(grad32)
         return loss
     g = grad if has_grad else logits  # never written without HAS_GRAD; same dtype keeps one specialisation
@@ -204,17 +241,36 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec:
     align = align_for(c, logits.stride(0), stride_g, logits.element_size())
     if plan is None:
         sms = INTERPRET_SM_COUNT if on_cpu else _cuda_sm_count(logits.device.index)
-        plan = plan_launch(n, c, logits.element_size(), sms, align, one_vs_all=lt in (SIGMOID, FOCAL))
+        plan = plan_launch(n, c, logits.element_size(), sms, align, one_vs_all=lt in (SIGMOID, FOCAL),
+                           softcap=spec.softcap != 0.0)
     gamma_hi, gamma_lo = _split_f32(float(spec.gamma))
     eps_hi, eps_lo = _split_f32(float(spec.label_smoothing))
-    # The kernels' runtime arguments, by name (both kernels take them all; the workspace is unused without a split).
+    cap = float(spec.softcap)
+    cap_hi, cap_lo = _split_f32(cap)
+    inv_cap_hi, inv_cap_lo = _split_f32(1.0 / cap if cap else 0.0)
+    lscale_hi, lscale_lo = _split_f32(float(spec.logit_scale))
+    zloss_hi, zloss_lo = _split_f32(float(spec.z_loss))
+    if z_rows is not None and not z_rows.is_contiguous():  # the kernels write it with unit stride
+        out = torch.empty(n, dtype=cdtype, device=logits.device)
+        loss = _launch(logits, target, weight, scale, spec, grad, plan, tensors._replace(z_rows=out))
+        z_rows.copy_(out)
+        return loss
+    # The kernels' runtime arguments, by name (both kernels take them all; the workspace is unused without a split,
+    # the transform vectors without their flags: the weights stand in, as the loss does for z_rows).
     args = dict(
         logits_ptr=logits,
         # int64 targets only: one specialisation fewer to compile, for an [N] copy when given int32.
         target_ptr=target.to(torch.int64).contiguous(), weight_ptr=weight.contiguous(), scale_ptr=scale.to(cdtype),
-        loss_ptr=loss, grad_ptr=g, ws_ptr=loss, n_rows=n, n_cols=c, stride_z=logits.stride(0), stride_g=stride_g,
+        loss_ptr=loss, grad_ptr=g, ws_ptr=loss,
+        offset_ptr=weight if tensors.logit_offset is None else tensors.logit_offset,
+        margin_ptr=weight if tensors.target_margin is None else tensors.target_margin,
+        zrows_ptr=loss if z_rows is None else z_rows,
+        n_rows=n, n_cols=c, stride_z=logits.stride(0), stride_g=stride_g,
         cols_per_split=0, ignore_index=spec.ignore_index,
         gamma_hi=gamma_hi, gamma_lo=gamma_lo, eps_hi=eps_hi, eps_lo=eps_lo,
+        cap_hi=cap_hi, cap_lo=cap_lo, inv_cap_hi=inv_cap_hi, inv_cap_lo=inv_cap_lo,
+        lscale_hi=lscale_hi, lscale_lo=lscale_lo, zloss_hi=zloss_hi, zloss_lo=zloss_lo,
+        store_z=int(z_rows is not None),
     )
     guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(logits.device)
     with guard:
@@ -222,18 +278,20 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec:
             k.cb_loss_kernel[(_cdiv(n, plan.rows), 1)](
                 **args, LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
                 SINGLE_TILE=plan.single_tile, SPLIT=False, ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align,
-                **compile_options(plan.num_warps))
+                **dict(zip(TRANSFORM_FLAGS, flags)), **compile_options(plan.num_warps))
             return loss
         args.update(ws_ptr=torch.empty((n, plan.splits, 4), dtype=cdtype, device=logits.device),
                     cols_per_split=plan.cols_per_split)
+        first, finish = split_transform_flags(lt, has_grad, flags)
         k.cb_loss_kernel[(n, plan.splits)](
             **args, LOSS_TYPE=lt, GAMMA_CASE=gamma_case, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
             SINGLE_TILE=False, SPLIT=True, ROWS=1, BLOCK_C=plan.block_c, ALIGN=align,
-            **compile_options(plan.num_warps))
+            **dict(zip(TRANSFORM_FLAGS, first)), **compile_options(plan.num_warps))
         f_lt, f_gc, f_smooth, f_grad = finish_flags(lt, gamma_case, smooth, has_grad)
         k.cb_loss_split_finish_kernel[(n, plan.splits if f_grad else 1)](
             **args, n_splits=plan.splits, LOSS_TYPE=f_lt, GAMMA_CASE=f_gc, HAS_SMOOTHING=f_smooth, HAS_GRAD=f_grad,
-            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, **compile_options(plan.num_warps))
+            MAX_SPLITS=MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align, **dict(zip(TRANSFORM_FLAGS, finish)),
+            **compile_options(plan.num_warps))
     return loss
 
 
@@ -266,21 +324,22 @@ def _epilogue(rows: Tensor, s: Tensor, spec: LossSpec) -> Tensor:
 
 
 def _forward(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+             compute_grad: bool, tensors: LogitTensors = NO_TENSORS) -> Tuple[Tensor, Tensor]:
     # The kernels take any row stride but unit column stride (coalesced, vectorised loads): copy otherwise.
     z = logits if _unit_col_stride(logits) else logits.contiguous()
     grad = torch.empty(z.shape if compute_grad else (0,), dtype=z.dtype, device=z.device)
     s = _prologue(z, target, weight, scale, spec)
-    loss = _launch(z, target, weight, s, spec, grad if compute_grad else None)
+    loss = _launch(z, target, weight, s, spec, grad if compute_grad else None, tensors=tensors)
     return _epilogue(loss, s, spec), grad
 
 
-def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+def _forward_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
+                     tensors: LogitTensors = NO_TENSORS) -> Tensor:
     s = _prologue(logits, target, weight, scale, spec)
     if _unit_col_stride(logits):
-        return _epilogue(_launch(logits, target, weight, s, spec, logits), s, spec)
+        return _epilogue(_launch(logits, target, weight, s, spec, logits, tensors=tensors), s, spec)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    loss = _launch(logits.contiguous(), target, weight, s, spec, grad)
+    loss = _launch(logits.contiguous(), target, weight, s, spec, grad, tensors=tensors)
     logits.copy_(grad)
     return _epilogue(loss, s, spec)
 
@@ -292,51 +351,128 @@ forward_inplace = torch.ops.cbkernels.cb_loss_fwd_inplace_triton.default
 
 
 def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
-             compute_grad: bool) -> Tuple[Tensor, Tensor]:
+             compute_grad: bool, tensors: LogitTensors = NO_TENSORS) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile, the function itself in eager mode."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad))
-    return _forward(logits, target, weight, scale, spec, compute_grad)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
+    return _forward(logits, target, weight, scale, spec, compute_grad, tensors)
 
 
-def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
+def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec,
+                     tensors: LogitTensors = NO_TENSORS) -> Tensor:
     """In-place forward: the op under torch.compile (which tracks the mutation); in eager mode the function itself,
     then the logits' version counter bumped as an in-place op would (the kernel writes them behind autograd)."""
     if torch.compiler.is_compiling():
-        return forward_inplace(logits, target, weight, scale, *spec.op_args())
-    rows = _forward_inplace(logits, target, weight, scale, spec)
+        return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)
+    rows = _forward_inplace(logits, target, weight, scale, spec, tensors)
     torch.autograd.graph.increment_version(logits)
     return rows
 
 
+def _main_variant(dtype: str, plan: Plan, align: int, math: tuple, has_grad: bool, flags: tuple) -> dict:
+    lt, gc, smooth = math
+    return dict(kernel="cb_loss_kernel", dtype=dtype, num_warps=plan.num_warps,
+                constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+                                SINGLE_TILE=plan.single_tile, SPLIT=plan.splits > 1, ROWS=plan.rows,
+                                BLOCK_C=plan.block_c, ALIGN=align, **dict(zip(TRANSFORM_FLAGS, flags))))
+
+
+def _finish_variant(dtype: str, split: Plan, align: int, fin: tuple, flags: tuple) -> dict:
+    lt, gc, smooth, has_grad = fin
+    return dict(kernel="cb_loss_split_finish_kernel", dtype=dtype, num_warps=split.num_warps,
+                constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
+                                MAX_SPLITS=MAX_SPLITS, BLOCK_C=split.block_c, ALIGN=align,
+                                **dict(zip(TRANSFORM_FLAGS, flags))))
+
+
+_DTYPES = (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8))
+
+
+def _plans(itemsize: int, align: int, one_vs_all: bool, softcap: bool = False) -> Tuple[list, Plan]:
+    """Every single-tile plan (smallest block first), the loop plan and the split plan of a dtype and ALIGN."""
+    single_max = single_tile_max(itemsize, align, one_vs_all, softcap)
+    shapes = {}  # ordered, without duplicates
+    block = 16
+    while block <= single_max:
+        shapes[plan_launch(1 << 20, block, itemsize, 1, align, one_vs_all, softcap)] = None
+        block *= 2
+    shapes[plan_launch(1 << 20, single_max + 1, itemsize, 1, align, one_vs_all, softcap)] = None  # loop
+    split = plan_launch(1, single_max + 1, itemsize, 1 << 20, align, one_vs_all, softcap)
+    shapes[split] = None
+    return list(shapes), split
+
+
 def launch_variants() -> Iterator[dict]:
-    """Every (kernel, constexprs, num_warps) the dispatcher can launch, for ahead-of-time build checks."""
+    """Every (kernel, constexprs, num_warps) the dispatcher can launch without logit transforms or z-loss, for
+    ahead-of-time build checks, then ``transform_variants()``: a covering set of the launches with them."""
     math = [(SOFTMAX, GAMMA_ZERO, False), (SOFTMAX, GAMMA_ZERO, True), (SIGMOID, GAMMA_ZERO, False)]
     math += [(lt, gc, False) for lt in (FOCAL, SOFTMAX_FOCAL) for gc in (GAMMA_HALF, GAMMA_ONE, GAMMA_TWO, GAMMA_ANY)]
-    for dtype, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
+    for dtype, itemsize in _DTYPES:
         finishes = sorted({finish_flags(lt, gc, smooth, grad) for lt, gc, smooth in math for grad in (False, True)})
         for align in sorted({1, 2, 16 // itemsize}):
-            split = None
             for one_vs_all in (False, True):
                 family = [m for m in math if (m[0] in (SIGMOID, FOCAL)) == one_vs_all]
-                single_max = single_tile_max(itemsize, align, one_vs_all)
-                shapes = {}  # ordered, without duplicates
-                block = 16
-                while block <= single_max:
-                    shapes[plan_launch(1 << 20, block, itemsize, 1, align, one_vs_all)] = None
-                    block *= 2
-                shapes[plan_launch(1 << 20, single_max + 1, itemsize, 1, align, one_vs_all)] = None  # loop
-                split = plan_launch(1, single_max + 1, itemsize, 1 << 20, align, one_vs_all)
-                shapes[split] = None
+                shapes, split = _plans(itemsize, align, one_vs_all)
                 for plan in shapes:
-                    for lt, gc, smooth in family:
+                    for m in family:
                         for has_grad in (False, True):
-                            yield dict(kernel="cb_loss_kernel", dtype=dtype, num_warps=plan.num_warps,
-                                       constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth,
-                                                       HAS_GRAD=has_grad, SINGLE_TILE=plan.single_tile,
-                                                       SPLIT=plan.splits > 1, ROWS=plan.rows, BLOCK_C=plan.block_c,
-                                                       ALIGN=align))
-            for lt, gc, smooth, has_grad in finishes:
-                yield dict(kernel="cb_loss_split_finish_kernel", dtype=dtype, num_warps=split.num_warps,
-                           constexprs=dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=has_grad,
-                                           MAX_SPLITS=MAX_SPLITS, BLOCK_C=split.block_c, ALIGN=align))
+                            yield _main_variant(dtype, plan, align, m, has_grad, NO_TRANSFORM_FLAGS)
+            for fin in finishes:
+                yield _finish_variant(dtype, split, align, fin, NO_TRANSFORM_FLAGS)
+    yield from transform_variants()
+
+
+def transform_variants() -> Iterator[dict]:
+    """A covering set of the launches with logit transforms or z-loss (the full product would multiply the sweep
+    by 16): per dtype, each flag alone with the heaviest loss of each family (softmax focal and focal, general
+    gamma), and every flag of the family at once with its two heaviest (also smoothed softmax, focal gamma 0.5) and
+    without the gradient, on the tile shapes with the most rows, the largest single tile, the loop and the split path
+    (and its finish kernel), 16-byte accesses; the largest single tile and the loop at ALIGN 1 with every flag.
+    fp16 (bf16's twin but for conversions) and fp64 (one-value tiles; gradcheck and tests): every flag on the largest
+    single tile, the loop and the split path. The largest one-vs-all tile (8192 focal values with softcap reach
+    the 128-register cap, unspilled) with every flag for every one-vs-all loss and gamma case."""
+    heavy = {False: [(SOFTMAX_FOCAL, GAMMA_ANY, False), (SOFTMAX, GAMMA_ZERO, True)],
+             True: [(FOCAL, GAMMA_ANY, False), (FOCAL, GAMMA_HALF, False)]}
+    seen = set()
+
+    def once(v):
+        key = (v["kernel"], v["dtype"], v["num_warps"], tuple(sorted(v["constexprs"].items())))
+        if key not in seen and any(v["constexprs"][f] for f in TRANSFORM_FLAGS):
+            seen.add(key)
+            return [v]
+        return []
+
+    for dtype, itemsize in _DTYPES:
+        for align in sorted({1, 16 // itemsize}, reverse=True):
+            narrow = align * itemsize < 16
+            for one_vs_all in (False, True):
+                every = (True, True, True, not one_vs_all, True)
+                alone = [tuple(i == j for j in range(5)) for i in range(5) if not (one_vs_all and i == 3)]
+                reduced = dtype in ("fp16", "fp64")
+                combos = [(m, True, every) for m in heavy[one_vs_all]]
+                if not narrow:
+                    combos += [(m, False, every) for m in heavy[one_vs_all]]
+                    if not reduced:
+                        combos += [(heavy[one_vs_all][0], True, f) for f in alone]
+                if narrow:
+                    combos = combos[:1]
+                for m, has_grad, flags in combos:
+                    shapes, split = _plans(itemsize, align, one_vs_all, softcap=flags[0])
+                    single = [p for p in shapes if p.single_tile]
+                    loop = [p for p in shapes if not p.single_tile and p.splits == 1]
+                    picked = [single[-1]] + loop if narrow or reduced else [single[0], single[-1]] + loop
+                    if not narrow:
+                        picked.append(split)
+                    for plan in picked:
+                        if plan.splits > 1:
+                            first, finish = split_transform_flags(m[0], has_grad, flags)
+                            yield from once(_main_variant(dtype, plan, align, m, has_grad, first))
+                            fin = finish_flags(*m, has_grad)
+                            yield from once(_finish_variant(dtype, plan, align, fin, finish))
+                        else:
+                            yield from once(_main_variant(dtype, plan, align, m, has_grad, flags))
+                if one_vs_all and not narrow and not reduced:
+                    shapes, _ = _plans(itemsize, align, True, softcap=True)
+                    largest = [p for p in shapes if p.single_tile][-1]
+                    for m in [(SIGMOID, GAMMA_ZERO, False)] + [(FOCAL, gc, False) for gc in (GAMMA_ONE, GAMMA_TWO)]:
+                        yield from once(_main_variant(dtype, largest, align, m, True, every))

@@ -12,8 +12,17 @@ difference that can cancel (``p - q``, ``sigmoid(z) - 1``) has been formed. Thre
   ``cb_loss_split_finish_kernel`` combines them in a fixed order (no atomics: every run gives the same bits;
   every program of a row computes the same combined value) and writes the loss and the gradient of its chunk.
 
-The gradient may be written over the logits (in place): every program reads a tile before it writes it, and the
-target logit, needed after the tiles are overwritten, is read in the first pass (the workspace in split mode).
+The logit transforms of SPEC section 10 apply to every logit as it is read (``_transform``: softcap, offset,
+margin, scale; the target's own transformed logit per row too), and the gradient is the raw logits'': the constant
+``logit_scale`` joins the per-row coefficient, the softcap's ``sech^2(z / c)`` multiplies each element as it is
+stored. The z-loss of SPEC section 11 (softmax losses) is per row: ``z_loss lse'**2`` joins the row's loss and
+``2 z_loss lse' p_j`` its gradient. Flags that cost per element are constexprs (HAS_SOFTCAP, HAS_OFFSET,
+HAS_MARGIN, HAS_ZLOSS, HAS_SCALE: off, the code is exactly the transform-free code: without HAS_SCALE the scale is
+the literal 1.0, whose multiplies the compiler folds away).
+
+The gradient may be written over the logits (in place): every program reads a tile before it writes it (the
+softcap's factor comes from the raw logit of that read), and the target logit, needed after the tiles are
+overwritten, is read in the first pass (the workspace in split mode).
 
 Compiled float32 arithmetic is not the interpreter's (numpy's): ``tl.exp`` is ``ex2.approx`` (2 ulp) of the
 rounded product ``x * log2(e)``, which adds ``1.2 * 2**-24 * |x|`` (6e-6 at |x| = 87); ``/`` is ``div.full`` (2 ulp);
@@ -111,15 +120,80 @@ def _sqrt_rn(x):
 @jit
 def _load_z(z_rows, cols, mask, CDT: tl.constexpr):
     """Every logit the kernels read passes here (row pointers and column indices, broadcast against each other), in
-    the compute dtype: the one place where the logit transforms of SPEC section 10 will apply."""
+    the compute dtype, then through ``_transform``. Masked lanes read 0, which every transform keeps 0 (the margin
+    touches the target column only, which is never a masked lane: chunk ends are tile ends or C)."""
     return tl.load(z_rows + cols, mask=mask, other=0.0).to(CDT)
 
 
 @jit
-def _store_grad(g_rows, cols, g, mask):
+def _store_grad(g_rows, cols, g, dz, mask, HAS_SOFTCAP: tl.constexpr):
     """Every gradient element is stored here, rounded once to the gradient's dtype (after every cancelling
-    difference was formed in the compute dtype); a transform's chain-rule factor will apply here."""
+    difference was formed in the compute dtype), times the softcap's chain-rule factor ``dz`` (the scale's is in g's
+    per-row coefficient)."""
+    if HAS_SOFTCAP:
+        g = g * dz
     tl.store(g_rows + cols, g.to(g_rows.dtype.element_ty), mask=mask)
+
+
+# tanh on [0, TANH_SERIES_MAX) in float32 as x + x**3 Q(x**2): a least-squares fit of (tanh(x) - x) / x**3 with
+# relative weight, 1 ulp at most (float32 Horner with FMA). Beyond it (1 - e) / (1 + e), e = exp(-2|x|) <= 0.33,
+# does not cancel (1 - e >= 0.67).
+TANH_SERIES_MAX = tl.constexpr(0.55)
+TANH_Q0 = tl.constexpr(-0.33333320607613515)
+TANH_Q1 = tl.constexpr(0.13332699682009644)
+TANH_Q2 = tl.constexpr(-0.05386507907338105)
+TANH_Q3 = tl.constexpr(0.02112724141220632)
+TANH_Q4 = tl.constexpr(-0.006356495868345231)
+
+
+@jit
+def _tanh_sech2(x):
+    """``tanh(x)`` and ``sech(x)**2 = 1 - tanh(x)**2`` from one ``e = exp(-2|x|)``: ``sech^2 = 4 e / (1 + e)**2``
+    stays accurate where tanh rounds to 1 (``1 - t**2`` would be 0) and ``tanh|x| = (1 - e) / (1 + e)`` where it
+    does not cancel; below TANH_SERIES_MAX, where ``1 - e`` would lose up to every digit (|x| = 1e-4: 13 bits), a
+    short odd series in float32, Kahan's ``expm1(y) = (u - 1) y / log(u)`` (u = exp(y)) in float64 (no expm1 that
+    also runs under the interpreter). NaN propagates; +-inf gives +-1 and 0."""
+    ax = tl.abs(x)
+    e = _exp(-2.0 * ax)
+    r = _rcp(1.0 + e)
+    sech2 = 4.0 * e * r * r
+    far = (1.0 - e) * r
+    if x.dtype == tl.float64:
+        y = -2.0 * ax
+        em = tl.where(e == 1.0, y, _div_rn((e - 1.0) * y, tl.log(e)))  # expm1(y), exact to a few ulp
+        near = -em * _rcp(2.0 + em)
+    else:
+        x2 = ax * ax
+        q = tl.fma(tl.fma(tl.fma(tl.fma(x2, TANH_Q4, TANH_Q3), x2, TANH_Q2), x2, TANH_Q1), x2, TANH_Q0)
+        near = tl.fma(ax * x2, q, ax)
+    t = tl.where(ax < TANH_SERIES_MAX, near, far)
+    return tl.where(x < 0.0, -t, t), sech2
+
+
+@jit
+def _transform(z, idx, idx_ok, is_t, tf, HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               HAS_MARGIN: tl.constexpr):
+    """SPEC section 10 on raw logits ``z`` of columns ``idx`` (``is_t``: the target's): ``(z', dz)``,
+    ``z' = lscale (cap tanh(z / cap) + o_j - m_y [j == y])`` and ``dz = sech^2(z / cap)`` (``z`` itself, unused,
+    without softcap). ``tf = (offset_ptr, m_y, cap, inv_cap, lscale)``, ``m_y`` shaped to broadcast against z."""
+    offset_ptr, m_y, cap, inv_cap, lscale = tf
+    x = z
+    dz = z
+    if HAS_SOFTCAP:
+        t, dz = _tanh_sech2(z * inv_cap)
+        x = cap * t
+    if HAS_OFFSET:
+        x = x + tl.load(offset_ptr + idx, mask=idx_ok, other=0.0).to(z.dtype)
+    if HAS_MARGIN:
+        x = tl.where(is_t, x - m_y, x)
+    return x * lscale, dz
+
+
+@jit
+def _tile_tf(tf):
+    # tf for [ROWS, BLOCK_C] tiles: the per-row margin as a column.
+    offset_ptr, m_y, cap, inv_cap, lscale = tf
+    return offset_ptr, m_y[:, None], cap, inv_cap, lscale
 
 
 @jit
@@ -202,11 +276,12 @@ def _log1p_unit(x, w):
 
 
 @jit
-def _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                 LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
-    """Row loss, gradient coefficient, sum-exp ``s`` and ``1 - p_y`` from the row max ``m``, the sum-exp of the
-    other classes ``so`` (relative to m), the logit sum ``sz`` (label smoothing only) and the target logit ``zy``.
-    SPEC sections 3-4.
+def _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss,
+                 LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                 HAS_ZLOSS: tl.constexpr):
+    """Row loss, gradient coefficient, sum-exp ``s``, ``1 - p_y``, the z-loss term and its gradient coefficient
+    ``kz`` (HAS_ZLOSS; else placeholders) from the row max ``m``, the sum-exp of the other classes ``so`` (relative to
+    m), the logit sum ``sz`` (label smoothing only) and the target logit ``zy``. SPEC sections 3-4 and 11.
 
     ``1 - p_y = so / s`` and ``L = log1p(so / e_y)`` are formed without a difference, so they keep full relative
     precision on confident rows, where ``1 - p_y`` and ``lse - z_y`` would cancel to 0 in float32; ``(m - z_y)``
@@ -233,32 +308,50 @@ def _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
         r = tl.where(one_minus_p > 0.0, _div_rn(nll, one_minus_p), 1.0)
         loss = mod * nll
         coef = a * scale * mod * (1.0 + gamma * p_t * r)
-    return tl.where(valid, a * loss, 0.0), coef, s, one_minus_p
+    row = tl.where(valid, a * loss, 0.0)
+    if HAS_ZLOSS:
+        # z_loss lse**2, not weighted by a_i; d/dz'_j = 2 z_loss lse p_j (s >= 1: lse = m + log(s) >= m).
+        lse = _finite_or_zero(m) + tl.log(s)
+        z_term = tl.where(valid, z_loss * lse * lse, 0.0)
+        kz = tl.where(valid, 2.0 * z_loss * lse * scale, 0.0)
+        row += z_term
+    else:
+        z_term = row
+        kz = row
+    return row, coef, s, one_minus_p, z_term, kz
 
 
 @jit
-def _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING: tl.constexpr):
+def _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, kz, HAS_SMOOTHING: tl.constexpr,
+                  HAS_ZLOSS: tl.constexpr):
     # p - q in float32 before the one rounding to the gradient's dtype; the target's p_y - 1 is -(1 - p_y) from the
     # other classes' sum (p_y - 1 itself would cancel to 0 on a confident row, and in bf16 long before).
     if HAS_SMOOTHING:
         g = tl.where(is_t, eps - one_minus_p[:, None], p) - _div_rn(eps, n_cols.to(eps.dtype))
     else:
         g = tl.where(is_t, -one_minus_p[:, None], p)
-    return tl.where(valid[:, None], coef[:, None] * g, 0.0)
+    g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
+    if HAS_ZLOSS:
+        g += kz[:, None] * p  # kz is 0 on ignored rows
+    return g
 
 
 @jit
-def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, tf, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Online max / sum-exp of the non-target classes (and logit sum) over the columns [col_lo, col_hi)."""
+    """Online max / sum-exp of the non-target classes (and logit sum) over the columns [col_lo, col_hi) of the
+    transformed logits."""
     cols = tl.arange(0, BLOCK_C)
     m = tl.full([ROWS], float("-inf"), CDT)
     s = tl.zeros([ROWS], CDT)
     sz = tl.zeros([ROWS], CDT)
     for c0 in tl.range(col_lo, col_hi, BLOCK_C):
         cc = c0 + cols
-        mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        z, _ = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :],
+                          cc[None, :] == y[:, None], tf, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
         m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
         shift = _finite_or_zero(m_new)
         # Masked lanes are re-masked after exp: exp(0 - shift) would otherwise count. The target is left out.
@@ -271,8 +364,10 @@ def _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT: tl.constexpr, HAS_SMO
 
 
 @jit
-def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid, eps, n_cols, col_lo, col_hi,
-                       CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_C: tl.constexpr):
+def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, kz, valid, eps, n_cols, col_lo, col_hi,
+                       tf, CDT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     # p = exp(z - m) / s rather than exp(z - lse): z - m is exact where p is near 1, z - lse carries lse's rounding
     # (half an ulp of |lse|, 1e-6 relative at lse ~ 16) into p.
     shift = _finite_or_zero(m)
@@ -282,29 +377,37 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid
     for i in tl.range(0, n_tiles):
         # Last tile first: the statistics pass read it last, so it is the likeliest still in L2.
         cc = col_lo + (n_tiles - 1 - i) * BLOCK_C + cols
-        mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        is_t = cc[None, :] == y[:, None]
+        # The raw tile, read again before this program overwrites it (in place): the softcap's factor needs it.
+        z, dz = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], is_t, tf,
+                           HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
         p = _exp(z - shift[:, None]) * inv_s[:, None]
-        g = _softmax_grad(p, cc[None, :] == y[:, None], coef, valid, eps, n_cols, one_minus_p, HAS_SMOOTHING)
-        _store_grad(g_rows[:, None], cc[None, :], g, mask)
+        g = _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, kz, HAS_SMOOTHING, HAS_ZLOSS)
+        _store_grad(g_rows[:, None], cc[None, :], g, dz, mask, HAS_SOFTCAP)
 
 
 @jit
-def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi,
+def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi, tf,
                      CDT: tl.constexpr, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_GRAD: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row sums of the one-vs-all terms over [col_lo, col_hi); writes the gradient on the way (one read)."""
     cols = tl.arange(0, BLOCK_C)
     acc = tl.zeros([ROWS], CDT)
     for c0 in tl.range(col_lo, col_hi, BLOCK_C):
         cc = c0 + cols
-        mask = row_ok[:, None] & (cc < col_hi)[None, :]
-        z = _load_z(z_rows[:, None], cc[None, :], mask, CDT)
-        term, d = _one_vs_all_terms(z, cc[None, :] == y[:, None], gamma, LOSS_TYPE, GAMMA_CASE)
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        is_t = cc[None, :] == y[:, None]
+        z, dz = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], is_t, tf,
+                           HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
+        term, d = _one_vs_all_terms(z, is_t, gamma, LOSS_TYPE, GAMMA_CASE)
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
         if HAS_GRAD:
             g = tl.where(valid[:, None], coef[:, None] * d, 0.0)
-            _store_grad(g_rows[:, None], cc[None, :], g, mask)
+            _store_grad(g_rows[:, None], cc[None, :], g, dz, mask, HAS_SOFTCAP)
     return acc
 
 
@@ -335,17 +438,49 @@ def _row_setup(target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_i
 
 
 @jit
+def _per_row(rows, flag):
+    # A runtime flag as a row mask (the interpreter rejects a broadcast scalar mask).
+    return (rows * 0 + flag) != 0
+
+
+@jit
+def _transform_setup(margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi,
+                     zloss_lo, CDT: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The rows' ``tf`` (see _transform; the margin of each row's target) and the z-loss weight. Without HAS_SCALE
+    the scale is the literal 1.0: ``x * 1.0`` folds to ``x`` at compile time (a runtime 1 would cost a multiply per
+    element and, in the widest tiles, registers)."""
+    if HAS_MARGIN:
+        m_y = tl.load(margin_ptr + y, mask=hit, other=0.0).to(CDT)
+    else:
+        m_y = tl.zeros(y.shape, CDT)
+    cap = tl.cast(cap_hi, CDT) + tl.cast(cap_lo, CDT)
+    inv_cap = tl.cast(inv_cap_hi, CDT) + tl.cast(inv_cap_lo, CDT)
+    if HAS_SCALE:
+        lscale = tl.cast(lscale_hi, CDT) + tl.cast(lscale_lo, CDT)
+    else:
+        lscale = 1.0
+    z_loss = tl.cast(zloss_hi, CDT) + tl.cast(zloss_lo, CDT)
+    return m_y, cap, inv_cap, lscale, z_loss
+
+
+@jit
 def cb_loss_kernel(
-    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr,
+    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr, offset_ptr, margin_ptr, zrows_ptr,
     n_rows, n_cols, stride_z, stride_g, cols_per_split,
     ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z,
     LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
     SINGLE_TILE: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     """Per-row loss ``loss[N]`` and gradient ``scale * dl/dz`` (``grad``, when HAS_GRAD) of ROWS rows per program.
 
     Columns have unit stride; rows ``stride_z`` (logits) and ``stride_g`` (gradient). With SPLIT, program
     (r, k) covers columns [k * cols_per_split, (k + 1) * cols_per_split) and leaves partials in ``ws [N, K, 4]``.
+    Transforms (SPEC section 10): ``offset_ptr``/``margin_ptr`` ``[C]`` float32 (read with HAS_OFFSET/HAS_MARGIN),
+    softcap ``cap``, ``1 / cap`` (HAS_SOFTCAP), ``lscale``; the z-loss weight (HAS_ZLOSS) and, when ``store_z``, each
+    row's z-loss term in ``zrows [N]``. Floats come as float32 ``hi + lo`` pairs (see _row_setup).
     """
     CDT: tl.constexpr = loss_ptr.dtype.element_ty
     if ALIGN > 1:
@@ -357,6 +492,12 @@ def cb_loss_kernel(
     row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
         target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
         CDT)
+    m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
+        margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, CDT,
+        HAS_MARGIN, HAS_SCALE)
+    tf = (offset_ptr, m_y, cap, inv_cap, lscale)
+    tf_tile = _tile_tf(tf)
+    scale = scale * lscale  # dz'/dz = lscale (times sech^2 with softcap): folded into every row coefficient
     z_rows = logits_ptr + rows * stride_z
     g_rows = grad_ptr + rows * stride_g
     if SPLIT:
@@ -369,44 +510,56 @@ def cb_loss_kernel(
         col_hi = n_cols
 
     if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
-        zy = _load_z(z_rows, y, hit, CDT)
+        zy, _ = _transform(_load_z(z_rows, y, hit, CDT), y, hit, hit, tf, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
         if SINGLE_TILE:
             cols = tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols < n_cols)[None, :]
-            z = _load_z(z_rows[:, None], cols[None, :], mask, CDT)
+            col_ok = cols < n_cols
+            mask = row_ok[:, None] & col_ok[None, :]
+            is_t = cols[None, :] == y[:, None]
+            # The softcap's factor dz stays in registers with the tile: the logits may be overwritten below.
+            z, dz = _transform(_load_z(z_rows[:, None], cols[None, :], mask, CDT), cols[None, :], col_ok[None, :],
+                               is_t, tf_tile, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
             m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
             e = tl.where(mask, _exp(z - _finite_or_zero(m)[:, None]), 0.0)
-            is_t = cols[None, :] == y[:, None]
             so = tl.sum(tl.where(is_t, 0.0, e), axis=1)
             if HAS_SMOOTHING:
                 sz = tl.sum(z, axis=1)
             else:
                 sz = so
-            loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                                      LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+            loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
+                m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
+                HAS_ZLOSS)
             tl.store(loss_ptr + rows, loss, mask=row_ok)
+            if HAS_ZLOSS:
+                tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
             if HAS_GRAD:
-                g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p,
-                                  HAS_SMOOTHING)
-                _store_grad(g_rows[:, None], cols[None, :], g, mask)
+                g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p, kz,
+                                  HAS_SMOOTHING, HAS_ZLOSS)
+                _store_grad(g_rows[:, None], cols[None, :], g, dz, mask, HAS_SOFTCAP)
         else:
-            m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, CDT, HAS_SMOOTHING, ROWS, BLOCK_C)
+            m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING,
+                                       HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)
             if SPLIT:
                 tl.store(ws_rows, m, mask=row_ok)
                 tl.store(ws_rows + 1, so, mask=row_ok)
                 tl.store(ws_rows + 2, sz, mask=row_ok)
                 tl.store(ws_rows + 3, zy, mask=row_ok)
             else:
-                loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                                          LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+                loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
+                    m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE,
+                    HAS_SMOOTHING, HAS_ZLOSS)
                 tl.store(loss_ptr + rows, loss, mask=row_ok)
+                if HAS_ZLOSS:
+                    tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
                 if HAS_GRAD:
-                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, valid, eps, n_cols, col_lo,
-                                       col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
+                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, kz, valid, eps, n_cols,
+                                       col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP,
+                                       HAS_OFFSET, HAS_MARGIN, BLOCK_C)
     else:
         coef = tl.where(valid, a * scale, 0.0)
-        acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi,
-                               CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, ROWS, BLOCK_C)
+        acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi, tf_tile,
+                               CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS,
+                               BLOCK_C)
         if SPLIT:
             tl.store(ws_rows, acc, mask=row_ok)
         else:
@@ -415,14 +568,18 @@ def cb_loss_kernel(
 
 @jit
 def cb_loss_split_finish_kernel(
-    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr,
+    logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr, offset_ptr, margin_ptr, zrows_ptr,
     n_rows, n_cols, stride_z, stride_g, cols_per_split, n_splits,
     ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z,
     LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
     MAX_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     """Second launch of the split path: program (r, k) combines row r's ``n_splits`` partials in a fixed order,
-    then (softmax losses) writes the gradient of chunk k; chunk 0 writes the loss."""
+    then (softmax losses) writes the gradient of chunk k; chunk 0 writes the loss (and the z-loss term). The
+    partials hold transformed statistics (the target logit too); the gradient pass reads its chunk's raw logits."""
     CDT: tl.constexpr = loss_ptr.dtype.element_ty
     if ALIGN > 1:
         n_cols = _aligned(n_cols, ALIGN)
@@ -437,6 +594,10 @@ def cb_loss_split_finish_kernel(
     kmask = row_ok[:, None] & (k < n_splits)[None, :]
     parts = ws_ptr + (rows[:, None] * n_splits + k[None, :]) * 4
     if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+        m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
+            margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo,
+            CDT, HAS_MARGIN, HAS_SCALE)
+        scale = scale * lscale  # see cb_loss_kernel
         pm = tl.load(parts, mask=kmask, other=float("-inf"))
         ps = tl.load(parts + 1, mask=kmask, other=0.0)
         m = tl.max(pm, axis=1)
@@ -446,16 +607,21 @@ def cb_loss_split_finish_kernel(
         else:
             sz = so
         zy = tl.load(ws_ptr + rows * n_splits * 4 + 3, mask=row_ok, other=0.0)
-        loss, coef, s, one_minus_p = _softmax_row(m, so, sz, zy, a, valid, scale, n_cols, gamma, eps,
-                                                  LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING)
+        loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
+            m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
+            HAS_ZLOSS)
         first = (split + tl.arange(0, 1)) == 0  # a [1] mask: the interpreter rejects a broadcast scalar one
         tl.store(loss_ptr + rows, loss, mask=row_ok & first)
+        if HAS_ZLOSS:
+            tl.store(zrows_ptr + rows, z_term, mask=row_ok & first & _per_row(rows, store_z))
         if HAS_GRAD:
             cols_per_split = _aligned(cols_per_split, BLOCK_C)  # see cb_loss_kernel
             col_lo = split * cols_per_split
             col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
             _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s, one_minus_p,
-                               coef, valid, eps, n_cols, col_lo, col_hi, CDT, HAS_SMOOTHING, BLOCK_C)
+                               coef, kz, valid, eps, n_cols, col_lo, col_hi,
+                               _tile_tf((offset_ptr, m_y, cap, inv_cap, lscale)), CDT, HAS_SMOOTHING, HAS_ZLOSS,
+                               HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, BLOCK_C)
     else:
         acc = tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1)
         tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)

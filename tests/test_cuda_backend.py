@@ -449,3 +449,88 @@ def test_bad_target_fails_device_assert(value, direct):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "no error" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "device-side assert" in proc.stderr or "target outside" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ logit transforms and z-loss (SPEC 10-11)
+
+
+def _transform_reference(logits, target, weight, scale, loss_type, gamma, eps, **tf):
+    """Per-row losses, scale * dl/dz (raw logits) and z-loss terms from the float64 reference, by autograd."""
+    from cbkernels.reference import reference_loss
+
+    z = logits.detach().double().cpu().requires_grad_(True)
+    kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in tf.items() if v is not None}
+    rows, z_rows = reference_loss(z, target.long().cpu(), weight.double().cpu(), loss_type=loss_type, gamma=gamma,
+                                  label_smoothing=eps, reduction="none", return_z_loss=True, **kw)
+    (grad,) = torch.autograd.grad((rows * float(scale)).sum(), z)
+    return rows.detach(), grad, z_rows
+
+
+def _transform_sets(c, loss_type):
+    g = torch.Generator().manual_seed(c)
+    counts = torch.randint(1, 1000, (c,), generator=g).double()
+    offset = torch.log(counts / counts.sum()).float().to(DEV)
+    margin = (0.5 * (counts.min() / counts) ** 0.25).float().to(DEV)
+    z_loss = 1e-2 if "softmax" in loss_type else 0.0
+    return [dict(softcap=4.0), dict(logit_offset=offset), dict(target_margin=margin), dict(logit_scale=2.5),
+            dict(softcap=6.0, logit_offset=offset, target_margin=margin, logit_scale=1.7, z_loss=z_loss)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("loss_type,gamma,eps", [("softmax", 0.0, 0.1), ("sigmoid", 0.0, 0.0), ("focal", 2.0, 0.0),
+                                                 ("focal", 0.5, 0.0), ("softmax_focal", 1.7, 0.0)])
+def test_transforms_every_kernel_path(loss_type, gamma, eps, dtype):
+    # Each transform alone and all together (with the z-loss for the softmax losses), every forced kernel shape, the
+    # per-row z-loss terms, against the float64 reference with respect to the raw logits.
+    ran = 0
+    for n, c in ((13, 7), (6, 37), (4, 423), (2, 1025)):
+        logits, target, counts = make_inputs(n, c, dtype=dtype, seed=n * c, device=DEV)
+        target[1::4] = -100
+        z = _misaligned_rows(logits)
+        w = cb.class_balanced_weights(counts).to(DEV)
+        scale = torch.tensor(0.7, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEV)
+        zdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for tf in _transform_sets(c, loss_type):
+            ref_loss, ref_grad, ref_z = _transform_reference(z, target, w, scale, loss_type, gamma, eps, **tf)
+            for path, tpr, splits in PLANS:
+                z_rows = torch.full((n,), float("nan"), dtype=zdtype, device=DEV)
+                try:
+                    loss, grad = torch.ops.cbkernels._cb_loss_fwd_cuda_forced_plan(
+                        z, target, w, scale, LOSS_IDS[loss_type], gamma, eps, -100, True, path, tpr, splits, "none",
+                        tf.get("softcap", 0.0), tf.get("logit_scale", 1.0), tf.get("z_loss", 0.0),
+                        tf.get("logit_offset"), tf.get("target_margin"), z_rows)
+                except RuntimeError as e:  # the forced shape cannot hold this row
+                    assert "invalid argument" in str(e)
+                    continue
+                what = f"{n}x{c} {sorted(tf)} plan {(path, tpr, splits)}"
+                _close_to_float64(loss.cpu(), grad.cpu(), ref_loss, ref_grad, dtype, what)
+                torch.testing.assert_close(z_rows.double().cpu(), ref_z, rtol=1e-5, atol=1e-6, msg=what)
+                ran += 1
+    assert ran >= 100
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid", "focal", "softmax_focal"])
+def test_transforms_in_place_and_large_logits(loss_type, dtype):
+    # In place (the softcap's factor needs the raw logit the gradient overwrites) with |z| ~ 1e4 and +-inf under a
+    # softcap of 30, on a realistic row length and a long one (streamed and split rows).
+    for n, c in ((64, 4000), (4, 100000)):
+        g = torch.Generator().manual_seed(c)
+        z = (torch.randn(n, c, generator=g, dtype=torch.float64) * 60.0)
+        z[:, ::7] *= 200.0
+        z[0, 3], z[1, 4] = float("inf"), float("-inf")
+        logits = z.to(dtype).to(DEV)
+        target = torch.randint(0, c, (n,), generator=g).to(DEV)
+        target[2] = -100
+        w = torch.rand(c, generator=g).add(0.5).to(DEV)
+        tf = dict(softcap=30.0, logit_offset=torch.randn(c, generator=g).to(DEV),
+                  target_margin=torch.rand(c, generator=g).to(DEV), z_loss=1e-3 if "softmax" in loss_type else 0.0)
+        scale = torch.tensor(0.5, device=DEV)
+        ref_loss, ref_grad, _ = _transform_reference(logits, target, w, scale, loss_type, 0.5, 0.0, **tf)
+        out = logits.clone()
+        loss = torch.ops.cbkernels.cb_loss_fwd_inplace(out, target, w, scale, LOSS_IDS[loss_type], 0.5, 0.0, -100,
+                                                       "none", tf["softcap"], 1.0, tf["z_loss"], tf["logit_offset"],
+                                                       tf["target_margin"], None)
+        assert torch.isfinite(loss).all() and torch.isfinite(out).all()
+        _close_to_float64(loss.cpu(), out.cpu(), ref_loss, ref_grad, dtype, f"{n}x{c} in place")
+        assert out[0, 3] == 0 and out[1, 4] == 0

@@ -61,7 +61,8 @@ def test_variants_cover_every_launch():
                             lt, gc, smooth = T.kernel_flags(loss_type, gamma, eps)
                             plan = T.plan_launch(n, c, itemsize, sms, align, one_vs_all=lt in (T.SIGMOID, T.FOCAL))
                             for grad in (False, True):
-                                flags = dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=grad)
+                                flags = dict(LOSS_TYPE=lt, GAMMA_CASE=gc, HAS_SMOOTHING=smooth, HAS_GRAD=grad,
+                                             **dict(zip(T.TRANSFORM_FLAGS, T.NO_TRANSFORM_FLAGS)))
                                 main = dict(flags, SINGLE_TILE=plan.single_tile, SPLIT=plan.splits > 1,
                                             ROWS=plan.rows, BLOCK_C=plan.block_c, ALIGN=align)
                                 key = ("cb_loss_kernel", dtype, plan.num_warps, tuple(sorted(main.items())))
@@ -69,10 +70,61 @@ def test_variants_cover_every_launch():
                                 if plan.splits > 1:
                                     f = T.finish_flags(lt, gc, smooth, grad)
                                     fin = dict(zip(("LOSS_TYPE", "GAMMA_CASE", "HAS_SMOOTHING", "HAS_GRAD"), f),
-                                               MAX_SPLITS=T.MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align)
+                                               MAX_SPLITS=T.MAX_SPLITS, BLOCK_C=plan.block_c, ALIGN=align,
+                                               **dict(zip(T.TRANSFORM_FLAGS, T.NO_TRANSFORM_FLAGS)))
                                     key = ("cb_loss_split_finish_kernel", dtype, plan.num_warps,
                                            tuple(sorted(fin.items())))
                                     assert key in known, (n, c, dtype, key)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_transform_variants_cover_every_flag_and_path():
+    """The transform launches are checked through a covering set, not their product: every flag, on every path
+    the dispatcher takes with it (the largest single tile as planned with that flag, the loop, the split path and
+    its finish kernel), for every dtype; every flag of a family at once on the largest tile; and no more than a
+    few hundred variants."""
+    from cbkernels import _triton as T
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_build_check
+
+    assert gpu_build_check.TRANSFORM_FLAGS == T.TRANSFORM_FLAGS  # the tool's labels name every flag
+    variants = list(T.transform_variants())
+    assert 0 < len(variants) <= 400
+    base = {(v["kernel"], v["dtype"], v["num_warps"], tuple(sorted(v["constexprs"].items())))
+            for v in T.launch_variants() if not any(v["constexprs"][f] for f in T.TRANSFORM_FLAGS)}
+    assert all((v["kernel"], v["dtype"], v["num_warps"], tuple(sorted(v["constexprs"].items()))) not in base
+               for v in variants)
+
+    def path(v):
+        c = v["constexprs"]
+        if v["kernel"] == "cb_loss_split_finish_kernel":
+            return "finish"
+        return "split" if c["SPLIT"] else "single" if c["SINGLE_TILE"] else "loop"
+
+    covered = {(v["dtype"], path(v), f, v["constexprs"]["LOSS_TYPE"] in (T.SIGMOID, T.FOCAL))
+               for v in variants for f in T.TRANSFORM_FLAGS if v["constexprs"][f]}
+    for dtype, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4), ("fp64", 8)):
+        for one_vs_all in (False, True):
+            for i, flag in enumerate(T.TRANSFORM_FLAGS):
+                if flag == "HAS_ZLOSS" and one_vs_all:
+                    continue
+                # The split path's first kernel leaves statistics: the z-loss is its finish kernel's.
+                for p in ("single", "loop") + (() if flag == "HAS_ZLOSS" else ("split",)):
+                    assert (dtype, p, flag, one_vs_all) in covered, (dtype, p, flag, one_vs_all)
+                if not one_vs_all:
+                    assert (dtype, "finish", flag, False) in covered, (dtype, flag)
+            # The largest single tile a softcapped call can get, with every flag of the family.
+            vec = 16 // itemsize
+            c = T.single_tile_max(itemsize, vec, one_vs_all, softcap=True)
+            plan = T.plan_launch(1 << 20, c, itemsize, 132, vec, one_vs_all, softcap=True)
+            assert plan.single_tile and not T.plan_launch(1 << 20, c + 1, itemsize, 132, vec, one_vs_all,
+                                                          softcap=True).single_tile
+            assert any(v["dtype"] == dtype and v["constexprs"].get("BLOCK_C") == plan.block_c
+                       and v["constexprs"].get("SINGLE_TILE") and v["constexprs"]["HAS_GRAD"]
+                       and all(v["constexprs"][f] for f in T.TRANSFORM_FLAGS if f != "HAS_ZLOSS")
+                       and (v["constexprs"]["LOSS_TYPE"] in (T.SIGMOID, T.FOCAL)) == one_vs_all
+                       for v in variants), (dtype, one_vs_all)
 
 
 @pytest.mark.skipif(not _has_nvidia_tools(), reason="needs triton with its NVIDIA backend (ptxas, cuobjdump)")

@@ -10,8 +10,9 @@ spills or call frames here). ``align`` is the ALIGN constexpr: the
 elements per vector access the host proved possible (16 bytes' worth when C and row strides allow, 2 for even C such
 as 8142, else 1).
 
-Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--jobs N]``. ``--quick`` compiles only the
-covering subset: per dtype and tile shape, the variants with the most live values (the full set is the default).
+Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--jobs N]``. ``--quick``
+compiles only the covering subset: per dtype and tile shape, the variants with the most live values (the full set is
+the default). ``--only-transforms``: only the variants with logit transforms or z-loss (``transform_variants``).
 Compiled kernels are cached by Triton (``~/.triton/cache``), so a second run is fast.
 """
 
@@ -38,7 +39,14 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64"
 VEC = {"bf16": 8, "fp16": 8, "fp32": 4, "fp64": 2}  # elements in 16 bytes
 
 
-def triton_variants(quick: bool) -> list:
+TRANSFORM_FLAGS = ("HAS_SOFTCAP", "HAS_OFFSET", "HAS_MARGIN", "HAS_ZLOSS", "HAS_SCALE")  # as cbkernels._triton's
+
+
+def _has_transforms(v: dict) -> bool:
+    return any(v["constexprs"].get(f) for f in TRANSFORM_FLAGS)
+
+
+def triton_variants(quick: bool, only_transforms: bool = False) -> list:
     """Every launchable variant, or a covering subset: per dtype, the variants with the most live values
     (softmax focal and focal with a general gamma, smoothed softmax, with the gradient) on the tile shapes with the
     most registers (most rows per program, largest single tile, loop, split, split-finish), and focal for the
@@ -46,6 +54,9 @@ def triton_variants(quick: bool) -> list:
     from cbkernels._triton import launch_variants
 
     variants = list(launch_variants())
+    if only_transforms:
+        variants = [v for v in variants if _has_transforms(v)]
+        return variants if not quick else [v for v in variants if _every_transform(v)]
     scale = list(_small_kernel_variants())  # few and small: always all of them
     if not quick:
         return variants + scale
@@ -60,6 +71,10 @@ def triton_variants(quick: bool) -> list:
     for v in variants:
         c, dtype = v["constexprs"], v["dtype"]
         if not c["HAS_GRAD"] or (c["LOSS_TYPE"], c["GAMMA_CASE"], c["HAS_SMOOTHING"]) not in heavy:
+            continue
+        if _has_transforms(v):  # the transform set is itself a covering set: its heaviest part
+            if _every_transform(v):
+                keep.append(v)
             continue
         full_width = c["ALIGN"] == VEC[dtype]
         if v["kernel"] == "cb_loss_split_finish_kernel":
@@ -80,6 +95,13 @@ def triton_variants(quick: bool) -> list:
     return keep + scale
 
 
+def _every_transform(v: dict) -> bool:
+    # Every transform of the loss's family on (the split path's first kernel has no z-loss; without the gradient
+    # its finish kernel has only the z-loss).
+    c = v["constexprs"]
+    return c["HAS_GRAD"] and c["HAS_SOFTCAP"] and c["HAS_OFFSET"] and c["HAS_MARGIN"]
+
+
 def _small_kernel_variants():
     """The kernels around the loss kernel (backward scale, normaliser, reduction): each variant names its module,
     signature and label."""
@@ -91,14 +113,19 @@ def _small_kernel_variants():
 def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
     cdt = "fp64" if dtype == "fp64" else "fp32"
     sig = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
-           "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}",
+           "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}", "offset_ptr": "*fp32",
+           "margin_ptr": "*fp32", "zrows_ptr": f"*{cdt}",
            "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "stride_g": "i32", "cols_per_split": "i32"}
     if kernel_name == "cb_loss_split_finish_kernel":
         sig["n_splits"] = "i32"
     sig.update({"ignore_index": "i32", "gamma_hi": "fp32", "gamma_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32"})
+    sig.update({name: "fp32" for name in ("cap_hi", "cap_lo", "inv_cap_hi", "inv_cap_lo", "lscale_hi", "lscale_lo",
+                                          "zloss_hi", "zloss_lo")})
+    sig["store_z"] = "i32"
     # What the JIT specialises on: tensors from the caching allocator are 16-byte aligned; a full-width ALIGN is
     # compiled as for C and row strides that are multiples of 16 (vocabulary sizes such as 32000 or 128256).
-    divisible = ["logits_ptr", "target_ptr", "weight_ptr", "scale_ptr", "loss_ptr", "grad_ptr", "ws_ptr"]
+    divisible = ["logits_ptr", "target_ptr", "weight_ptr", "scale_ptr", "loss_ptr", "grad_ptr", "ws_ptr",
+                 "offset_ptr", "margin_ptr", "zrows_ptr"]
     if align == VEC[dtype]:
         divisible += ["n_cols", "stride_z", "stride_g", "cols_per_split"]
     return sig, divisible
@@ -199,19 +226,21 @@ def describe(v: dict) -> str:
     else:
         path = "loop"
     loss = LOSS_NAMES[c["LOSS_TYPE"]] + ("+ls" if c["HAS_SMOOTHING"] else "")
+    # cap, offset, margin, z-loss, scale
+    tf = "".join(code for code, flag in zip("comzs", TRANSFORM_FLAGS) if c.get(flag))
     return (f"sm_{v['arch']} {v['dtype']:4} align={c['ALIGN']} {loss:13} "
             f"g={GAMMA_NAMES[c['GAMMA_CASE']]:3} "
             f"{'grad' if c['HAS_GRAD'] else 'loss':4} {path:6} rows={c.get('ROWS', 1):<3} "
-            f"block={c['BLOCK_C']:<5} warps={v['num_warps']:<2}")
+            f"block={c['BLOCK_C']:<5} warps={v['num_warps']:<2}" + (f" tf={tf}" if tf else ""))
 
 
-def check_triton(archs: list, quick: bool, jobs: int) -> bool:
+def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False) -> bool:
     try:
         import triton
     except ImportError:
         print("triton: not installed, skipped")
         return True
-    variants = triton_variants(quick)
+    variants = triton_variants(quick, only_transforms)
     work = [(v, arch) for arch in archs for v in variants]
     print(f"triton {triton.__version__}: {len(work)} variants ({len(variants)} per architecture, "
           f"{'quick' if quick else 'full'} set), {jobs} worker(s)", flush=True)
@@ -240,12 +269,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     parser.add_argument("--quick", action="store_true", help="a covering subset of the variants")
+    parser.add_argument("--only-transforms", action="store_true",
+                        help="only the variants with logit transforms or z-loss")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = parser.parse_args(argv)
     # Compile for real even if the caller's environment asks for the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    ok = check_triton(args.arch, args.quick, args.jobs)
+    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms)
     return 0 if ok else 1
 
 

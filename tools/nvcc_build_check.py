@@ -183,6 +183,7 @@ def _shorten(name: str) -> str:
     name = re.sub(r"^void ", "", name)
     name = name.replace("cbkernels::gpu::", "").replace("cbkernels::", "")
     name = re.sub(r"\(GammaKind\)(\d)", lambda m: "G" + "0H12X"[int(m.group(1))], name)
+    name = re.sub(r"\(TfKind\)(\d)", lambda m: ("tf_off", "tf_affine", "tf_capped")[int(m.group(1))], name)
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "half").replace(" ", "")
 
 

@@ -118,6 +118,11 @@ cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& p, cudaStream_t stream) 
   a.gamma_kind = gamma_kind(p.gamma);
   a.has_grad = p.grad != nullptr;
   a.softmax_focal = p.loss_type == kSoftmaxFocal;
+  const bool affine = p.logit_offset != nullptr || p.target_margin != nullptr || p.logit_scale != 1.0;
+  const bool z_loss = p.z_loss != 0.0 || p.z_rows != nullptr;
+  a.tf_kind = p.softcap != 0.0 ? TfKind::kCapped : affine || z_loss ? TfKind::kAffine : TfKind::kOff;
+  a.tf_float = LogitTransform<float>::from(p);
+  a.tf_double = LogitTransform<double>::from(p);
 
   switch (p.dtype) {
     case Dtype::kHalf: return launch_half(a, plan, p.loss_type, stream);

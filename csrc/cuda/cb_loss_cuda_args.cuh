@@ -11,6 +11,14 @@
 
 namespace cbkernels::gpu {
 
+// The logit transforms of a call (SPEC section 10), a compile-time parameter of the kernels that read logits: none,
+// only the affine ones (logit_offset, target_margin, logit_scale: a load, a select and a multiplication per element,
+// each skipped at its identity by a runtime branch), or with the softcap too (a tanh per element, and the registers
+// for it). The z-loss (SPEC section 11) and its per-row output z_rows also take a transform kernel (kAffine at least,
+// with identity transforms): kept out of the plain kernels, they leave those as they were (the z_rows store and the
+// z-loss branch of the row epilogue cost the rows kernels 1 to 3 registers).
+enum class TfKind : int { kOff, kAffine, kCapped };
+
 // Rows path (softmax losses): every thread holds up to kHeld 16-byte chunks of its row in registers (the
 // logits are read once); kRowsMaxThreads threads per row at most, so that two such blocks fit on an SM.
 constexpr int kHeld = 4;
@@ -23,8 +31,21 @@ constexpr int kUnroll = 4;
 // Stream blocks an SM must hold at once: 4 (64 registers a thread) keeps 64 KB of loads in flight per SM; unbounded,
 // ptxas drifts between 48 and 78 registers on incidental changes (the argument layout moved float's sigmoid kernels
 // from 64 to 76, a quarter of the blocks lost). The float64 sigmoid-type terms need more registers: 2 blocks (128).
-template <typename A, bool kSoftmax>
-constexpr int kStreamMinBlocks = sizeof(A) == 4 || kSoftmax ? 4 : 2;
+// Transformed logits need more: the affine transforms' per-class loads, 3 blocks (80; float64 sigmoid terms 2); the
+// softcap's tanh, 2 (at 64 or 80 registers ptxas spills).
+template <typename A, bool kSoftmax, TfKind kTf = TfKind::kOff>
+constexpr int kStreamMinBlocks = sizeof(A) == 8 && !kSoftmax ? 2
+                                 : kTf == TfKind::kOff       ? 4
+                                 : kTf == TfKind::kAffine    ? 3
+                                                             : 2;
+// The rows kernel's blocks are up to kRowsMaxThreads threads, so at most 128 registers a thread; with transforms
+// ptxas would rather spill to 64 (two blocks of 512) unless told that one block an SM is enough.
+template <TfKind kTf>
+constexpr int kRowsMinBlocks = kTf == TfKind::kOff ? 0 : 1;
+// The split-finish kernel with a softcap: on sm_75 (1024 threads an SM) ptxas aimed at four blocks of 256, 64
+// registers, and spilled 4 bytes (bf16, double); two blocks leave it 128.
+template <TfKind kTf>
+constexpr int kFinishMinBlocks = kTf == TfKind::kCapped ? 2 : 0;
 constexpr int kStreamChunksPerIter = kStreamThreads * kUnroll;
 // Split rows: at least this many chunks per block, about kSplitBlocksPerSM blocks per SM in all.
 constexpr int kSplitMinChunks = kStreamChunksPerIter;
@@ -41,6 +62,19 @@ struct KernelArgs : CBLossParams {
   GammaKind gamma_kind;
   bool has_grad;
   bool softmax_focal;
+  TfKind tf_kind;
+  // The transforms in each compute type, built on the host: no per-thread double division for 1 / softcap.
+  LogitTransform<float> tf_float;
+  LogitTransform<double> tf_double;
+
+  template <typename A>
+  CB_HOST_DEVICE const LogitTransform<A>& transform() const {
+    if constexpr (sizeof(A) == sizeof(float)) {
+      return tf_float;
+    } else {
+      return tf_double;
+    }
+  }
 };
 
 // Defined once per storage type in cb_loss_cuda_<dtype>.cu.

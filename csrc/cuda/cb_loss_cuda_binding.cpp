@@ -104,12 +104,14 @@ void cb_loss_fwd_cuda_forced_plan(const c10::OperatorHandle& op, torch::jit::Sta
 }  // namespace
 
 // The testing op is CUDA-only, so its schema stays here: cb_loss_fwd's arguments, then the forced shape (path 0
-// auto, 1 rows, 2 stream; 0 = automatic for threads_per_row and splits).
+// auto, 1 rows, 2 stream; 0 = automatic for threads_per_row and splits), then cb_loss_fwd's trailing arguments
+// (cbkernels/_opdefs.py: set_params reads them by name).
 TORCH_LIBRARY_FRAGMENT(cbkernels, m) {
   m.def(
       "_cb_loss_fwd_cuda_forced_plan(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, "
       "float gamma, float label_smoothing, int ignore_index, bool compute_grad, int path, int threads_per_row, "
-      "int splits, str reduction=\"none\") -> (Tensor, Tensor)");
+      "int splits, str reduction=\"none\", float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, "
+      "Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) {

@@ -18,6 +18,14 @@
 //   cb_loss_split_finish_kernel combines in a fixed order. The sigmoid losses need no row statistic and
 //   write the gradient in the first pass.
 //
+// Logit transforms (SPEC section 10) are a compile-time parameter kTf (TfKind) of the kernels that read logits: kOff,
+// the kernels of a call without transforms; otherwise every logit read becomes z' (load_logits) and every gradient
+// store multiplies dl/dz' by dz'/dz, formed from the raw logit of the same chunk (the raw chunk is what a thread
+// holds, so in place the raw z is still there when the gradient overwrites it). The row max, the target logit and
+// the partials of split rows are all of z', so the shift of the exps bounds every transformed logit, the target's
+// too. The z-loss (SPEC section 11) lives in the softmax row epilogue (cb_math.h); a call with it (or with its per-row
+// output z_rows) takes a transform kernel, so that the kOff kernels stay those of a call without any option.
+//
 // In-place (grad == logits): every element is read before it is written, by the thread that writes it,
 // and the target logit travels in registers or the workspace, never re-read after the gradient pass starts.
 // Determinism: every reduction is a fixed tree, so equal inputs give equal bits; all threads of a row (and
@@ -162,7 +170,7 @@ struct Row {
   bool valid;  // labelled with a class in [0, C)
   int y;       // target class, -1 (no column) when not valid
   A a;         // class weight w[y], 0 when not valid
-  LogitTransform tf;
+  LogitTransform<A> tf;  // read by the transform kernels only (kTf != kOff; dead, so free, in the others)
 };
 
 // The row's target (cb_params.h); rows past the end count as ignored.
@@ -189,7 +197,7 @@ CB_DEVICE Row<T> load_row(const KernelArgs& p, int64_t row, bool in_range) {
   r.valid = t.valid;
   r.y = t.valid ? static_cast<int>(t.column) : -1;
   r.a = t.weight<typename Row<T>::A>(p);
-  r.tf = LogitTransform::from(p);
+  r.tf = p.transform<typename Row<T>::A>();
   return r;
 }
 
@@ -198,22 +206,49 @@ CB_DEVICE uint4 load_chunk(const Row<T>& r, int c) {
   return *reinterpret_cast<const uint4*>(r.z + static_cast<int64_t>(c) * Storage<T>::kVec);
 }
 
-// Every logit read: chunk c's logits in the compute type, through the logit transform (cb_math.h).
-template <typename T>
-CB_DEVICE void load_logits(const Row<T>& r, int c, const uint4& raw, typename Storage<T>::Acc (&x)[Storage<T>::kVec]) {
+// Every logit read: chunk c's logits in the compute type; with transforms (kTf) the transformed z' (cb_math.h's
+// LogitTransform, in SPEC's order) and f = dz'/dz = s (1 - tanh(z / c)^2), from one tanh_sech2_gpu per element. The
+// vectors are read for the columns of the row only (masked lanes keep c tanh(z / c) s, never used); the margin at the
+// target column only. Callers that store no gradient leave f unread, and the compiler drops it.
+template <TfKind kTf, typename T>
+CB_DEVICE void load_logits(const Row<T>& r, int c, int num_classes, const uint4& raw,
+                           typename Storage<T>::Acc (&x)[Storage<T>::kVec],
+                           typename Storage<T>::Acc (&f)[Storage<T>::kVec]) {
+  using A = typename Storage<T>::Acc;
   constexpr int V = Storage<T>::kVec;
   Storage<T>::unpack(raw, x);
+  if constexpr (kTf != TfKind::kOff) {
+    const LogitTransform<A>& tf = r.tf;
 #pragma unroll
-  for (int l = 0; l < V; ++l) x[l] = r.tf.logit(x[l], c * V + l - r.shift);
+    for (int l = 0; l < V; ++l) {
+      const int col = c * V + l - r.shift;
+      A v = x[l], dv = tf.scale;
+      if constexpr (kTf == TfKind::kCapped) {
+        const Tanh<A> th = tanh_sech2_gpu(x[l] * tf.inv_cap);
+        v = tf.cap * th.t;
+        dv *= th.sech2;
+      }
+      if (col >= 0 && col < num_classes) {
+        if (tf.offset != nullptr) v += static_cast<A>(tf.offset[col]);
+        if (col == r.y && tf.margin != nullptr) v -= static_cast<A>(tf.margin[col]);
+      }
+      x[l] = v * tf.scale;
+      f[l] = dv;
+    }
+  } else {
+#pragma unroll
+    for (int l = 0; l < V; ++l) f[l] = A(1);
+  }
 }
 
-// Every gradient store: chunk c's dl/dz' through the logit transform's chain rule, rounded once to T.
-template <typename T>
-CB_DEVICE void store_chunk(const Row<T>& r, int c, int num_classes, const typename Storage<T>::Acc (&dz)[Storage<T>::kVec]) {
+// Every gradient store: chunk c's dl/dz' times f = dz'/dz (kTf; load_logits), rounded once to T.
+template <TfKind kTf, typename T>
+CB_DEVICE void store_chunk(const Row<T>& r, int c, int num_classes, const typename Storage<T>::Acc (&dz)[Storage<T>::kVec],
+                           const typename Storage<T>::Acc (&f)[Storage<T>::kVec]) {
   constexpr int V = Storage<T>::kVec;
   typename Storage<T>::Acc g[V];
 #pragma unroll
-  for (int l = 0; l < V; ++l) g[l] = r.tf.grad(dz[l], c * V + l - r.shift);
+  for (int l = 0; l < V; ++l) g[l] = kTf != TfKind::kOff ? dz[l] * f[l] : dz[l];
   const int col0 = c * V - r.shift;
   if (r.g_aligned_like_z && col0 >= 0 && col0 + V <= num_classes) {
     *reinterpret_cast<uint4*>(r.g + col0) = Storage<T>::pack(g);
@@ -229,12 +264,12 @@ CB_DEVICE void store_chunk(const Row<T>& r, int c, int num_classes, const typena
 // ---------------------------------------------------------------------------------------------------------
 // Per-element work on one chunk.
 
-template <typename T>
+template <TfKind kTf, typename T>
 CB_DEVICE typename Storage<T>::Acc chunk_max(const Row<T>& r, int c, int num_classes, const uint4& raw,
                                              typename Storage<T>::Acc m) {
   constexpr int V = Storage<T>::kVec;
-  typename Storage<T>::Acc x[V];
-  load_logits(r, c, raw, x);
+  typename Storage<T>::Acc x[V], f[V];
+  load_logits<kTf>(r, c, num_classes, raw, x, f);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -244,14 +279,14 @@ CB_DEVICE typename Storage<T>::Acc chunk_max(const Row<T>& r, int c, int num_cla
 }
 
 // Adds the chunk's columns to statistics kept relative to m (a finite shift, see finite_or_zero).
-template <typename T>
+template <TfKind kTf, typename T>
 CB_DEVICE void chunk_stats(const Row<T>& r, int c, int num_classes, const uint4& raw,
                            const ShiftedExp<typename Storage<T>::Acc>& ex, typename Storage<T>::Acc m,
                            RowStats<typename Storage<T>::Acc>& st) {
   using A = typename Storage<T>::Acc;
   constexpr int V = Storage<T>::kVec;
-  A x[V];
-  load_logits(r, c, raw, x);
+  A x[V], f[V];
+  load_logits<kTf>(r, c, num_classes, raw, x, f);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -268,14 +303,14 @@ CB_DEVICE void chunk_stats(const Row<T>& r, int c, int num_classes, const uint4&
   }
 }
 
-template <typename T>
+template <TfKind kTf, typename T>
 CB_DEVICE void chunk_softmax_grad(const Row<T>& r, int c, int num_classes, const uint4& raw,
                                   const ShiftedExp<typename Storage<T>::Acc>& ex,
                                   const SoftmaxRowOut<typename Storage<T>::Acc>& row) {
   using A = typename Storage<T>::Acc;
   constexpr int V = Storage<T>::kVec;
-  A x[V], g[V];
-  load_logits(r, c, raw, x);
+  A x[V], f[V], g[V];
+  load_logits<kTf>(r, c, num_classes, raw, x, f);
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int col = c * V + l - r.shift;
@@ -283,21 +318,21 @@ CB_DEVICE void chunk_softmax_grad(const Row<T>& r, int c, int num_classes, const
     const A gj = col == r.y ? row.gy : afma(row.k1, ex(x[l]), -row.k0);
     g[l] = r.valid ? gj : A(0);
   }
-  store_chunk(r, c, num_classes, g);
+  store_chunk<kTf>(r, c, num_classes, g, f);
 }
 
 // Sigmoid / focal terms of a chunk: returns the sum of the loss terms over its columns and, with a gradient,
 // stores k * d term / d z (k = a_i * scale).
-template <typename T, GammaKind G>
+template <typename T, GammaKind G, TfKind kTf>
 CB_DEVICE typename Storage<T>::Acc chunk_sigmoid(const Row<T>& r, int c, int num_classes, const uint4& raw,
                                                  typename Storage<T>::Acc gamma, typename Storage<T>::Acc k,
                                                  bool has_grad) {
   using A = typename Storage<T>::Acc;
   using M = typename ElemMath<A>::type;
   constexpr int V = Storage<T>::kVec;
-  A x[V], g[V];
+  A x[V], f[V], g[V];
   A acc = A(0);
-  load_logits(r, c, raw, x);
+  load_logits<kTf>(r, c, num_classes, raw, x, f);
   if (r.valid) {
 #pragma unroll
     for (int l = 0; l < V; ++l) {
@@ -313,19 +348,40 @@ CB_DEVICE typename Storage<T>::Acc chunk_sigmoid(const Row<T>& r, int c, int num
 #pragma unroll
     for (int l = 0; l < V; ++l) g[l] = A(0);
   }
-  if (has_grad) store_chunk(r, c, num_classes, g);
+  if (has_grad) store_chunk<kTf>(r, c, num_classes, g, f);
   return acc;
 }
 
-// The row epilogue of cb_math.h from the row's statistics (m = finite_or_zero of its max).
-template <typename T>
+// The row epilogue of cb_math.h from the row's statistics (m = finite_or_zero of its max). The kOff kernels never see
+// a z-loss (the launcher sends it to a transform kernel): its z_loss, 0 at compile time, removes the epilogue's z-loss
+// branch and the registers it holds (1 to 3 in the rows kernels).
+template <TfKind kTf, typename T>
 CB_DEVICE SoftmaxRowOut<typename Storage<T>::Acc> finish_softmax_row(const KernelArgs& p, const Row<T>& r,
                                                                      const RowStats<typename Storage<T>::Acc>& st,
                                                                      const ShiftedExp<typename Storage<T>::Acc>& ex,
                                                                      typename Storage<T>::Acc m) {
   using A = typename Storage<T>::Acc;
+  using Epilogue = SoftmaxEpilogue<ShiftedExp<A>::kShift, A>;
   const SoftmaxRowStats<A> stats{m, st.zy, ex(st.zy), st.s, st.dist, ex.log_offset(m)};
-  return SoftmaxEpilogue<ShiftedExp<A>::kShift, A>(p, p.gamma_kind, load_scale<A>(p))(stats, r.a);
+  if constexpr (kTf == TfKind::kOff) {
+    CBLossParams no_z_loss = p;
+    no_z_loss.z_loss = 0.0;
+    return Epilogue(no_z_loss, p.gamma_kind, load_scale<A>(p))(stats, r.a);
+  } else {
+    return Epilogue(p, p.gamma_kind, load_scale<A>(p))(stats, r.a);
+  }
+}
+
+// A softmax row's outputs: its loss (z-loss term included) and, when asked (never in the kOff kernels, see TfKind),
+// the z-loss term alone; 0 for a row that does not count.
+template <TfKind kTf, typename T>
+CB_DEVICE void store_softmax_row(const KernelArgs& p, const Row<T>& r, int64_t row,
+                                 const SoftmaxRowOut<typename Storage<T>::Acc>& out) {
+  using A = typename Storage<T>::Acc;
+  static_cast<A*>(p.loss)[row] = r.valid ? out.loss : A(0);
+  if constexpr (kTf != TfKind::kOff) {
+    if (p.z_rows != nullptr) static_cast<A*>(p.z_rows)[row] = r.valid ? out.z : A(0);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -357,8 +413,8 @@ CB_DEVICE X group_allreduce(const RowGroup& g, X x, Op op, const X& identity, X*
 }
 
 // Softmax losses, rows that fit in registers: each thread holds up to kHeld chunks, so the logits are read once.
-template <typename T>
-__global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const KernelArgs p) {
+template <typename T, TfKind kTf>
+__global__ void __launch_bounds__(kRowsMaxThreads, kRowsMinBlocks<kTf>) cb_softmax_rows_kernel(const KernelArgs p) {
   using A = typename Storage<T>::Acc;
   __shared__ A scratch_max[32];
   __shared__ RowStats<A> scratch_stats[32];
@@ -376,7 +432,7 @@ __global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const 
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
     const int c = g.t + i * g.tpr;
-    if (c < r.chunks) m = chunk_max(r, c, C, raw[i], m);
+    if (c < r.chunks) m = chunk_max<kTf>(r, c, C, raw[i], m);
   }
   m = finite_or_zero(group_allreduce(g, m, MaxOp{}, -static_cast<A>(INFINITY), scratch_max));
   const ShiftedExp<A> ex(m);
@@ -384,24 +440,24 @@ __global__ void __launch_bounds__(kRowsMaxThreads) cb_softmax_rows_kernel(const 
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
     const int c = g.t + i * g.tpr;
-    if (c < r.chunks) chunk_stats(r, c, C, raw[i], ex, m, st);
+    if (c < r.chunks) chunk_stats<kTf>(r, c, C, raw[i], ex, m, st);
   }
   st.m = m;  // every part is relative to the row max already: StatsOp only adds
   st = group_allreduce(g, st, StatsOp{}, empty_stats<A>(), scratch_stats);
-  const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
+  const SoftmaxRowOut<A> out = finish_softmax_row<kTf>(p, r, st, ex, m);
   if (!g.in_range) return;
-  if (g.t == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
+  if (g.t == 0) store_softmax_row<kTf>(p, r, g.row, out);
   if (p.has_grad) {
 #pragma unroll
     for (int i = 0; i < kHeld; ++i) {
       const int c = g.t + i * g.tpr;
-      if (c < r.chunks) chunk_softmax_grad(r, c, C, raw[i], ex, out);
+      if (c < r.chunks) chunk_softmax_grad<kTf>(r, c, C, raw[i], ex, out);
     }
   }
 }
 
 // Gradient pass of the softmax losses over the chunks [c_lo, c_hi) of a row, kUnroll chunks per thread at a time.
-template <typename T>
+template <TfKind kTf, typename T>
 CB_DEVICE void stream_softmax_grad(const RowGroup& g, const Row<T>& r, int num_classes, int c_lo, int c_hi,
                                    const ShiftedExp<typename Storage<T>::Acc>& ex,
                                    const SoftmaxRowOut<typename Storage<T>::Acc>& out) {
@@ -415,7 +471,7 @@ CB_DEVICE void stream_softmax_grad(const RowGroup& g, const Row<T>& r, int num_c
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * g.tpr + g.t;
-      if (c < c_hi) chunk_softmax_grad(r, c, num_classes, raw[u], ex, out);
+      if (c < c_hi) chunk_softmax_grad<kTf>(r, c, num_classes, raw[u], ex, out);
     }
   }
 }
@@ -424,8 +480,8 @@ CB_DEVICE void stream_softmax_grad(const RowGroup& g, const Row<T>& r, int num_c
 // block per row, blockIdx.y the split). Softmax losses keep online statistics, then with one split write the loss
 // and read the row again for the gradient, or leave the split's partial statistics in the workspace. Sigmoid
 // losses write the gradient as they go and the loss (or the split's partial loss) at the end.
-template <typename T, class Family>
-__global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Storage<T>::Acc, Family::kSoftmax>)
+template <typename T, class Family, TfKind kTf>
+__global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Storage<T>::Acc, Family::kSoftmax, kTf>)
     cb_loss_stream_kernel(const KernelArgs p) {
   using A = typename Storage<T>::Acc;
   const RowGroup g = row_group(p);
@@ -451,7 +507,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int c = base + u * g.tpr + g.t;
-          if (c < c_hi) m_new = chunk_max(r, c, C, raw[u], m_new);
+          if (c < c_hi) m_new = chunk_max<kTf>(r, c, C, raw[u], m_new);
         }
         rebase(st, m_new);
         const A m = finite_or_zero(st.m);
@@ -459,7 +515,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int c = base + u * g.tpr + g.t;
-          if (c < c_hi) chunk_stats(r, c, C, raw[u], ex, m, st);
+          if (c < c_hi) chunk_stats<kTf>(r, c, C, raw[u], ex, m, st);
         }
       }
     }
@@ -478,9 +534,9 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
     }
     const A m = finite_or_zero(st.m);
     const ShiftedExp<A> ex(m);
-    const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
-    if (g.t == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
-    if (p.has_grad) stream_softmax_grad(g, r, C, c_lo, c_hi, ex, out);
+    const SoftmaxRowOut<A> out = finish_softmax_row<kTf>(p, r, st, ex, m);
+    if (g.t == 0) store_softmax_row<kTf>(p, r, g.row, out);
+    if (p.has_grad) stream_softmax_grad<kTf>(g, r, C, c_lo, c_hi, ex, out);
   } else {
     __shared__ A scratch_sum[32];
     const A k = r.a * load_scale<A>(p);
@@ -497,7 +553,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = base + u * g.tpr + g.t;
-        if (c < c_hi) acc += chunk_sigmoid<T, Family::kGamma>(r, c, C, raw[u], gamma, k, store);
+        if (c < c_hi) acc += chunk_sigmoid<T, Family::kGamma, kTf>(r, c, C, raw[u], gamma, k, store);
       }
     }
     acc = group_allreduce(g, acc, SumOp{}, A(0), scratch_sum);
@@ -506,6 +562,10 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
       static_cast<A*>(p.workspace)[g.row * p.splits + split] = acc;
     } else {
       static_cast<A*>(p.loss)[g.row] = r.valid ? r.a * acc : A(0);
+      // No z-loss here (an API error), but a z_rows given is never left unwritten.
+      if constexpr (kTf != TfKind::kOff) {
+        if (p.z_rows != nullptr) static_cast<A*>(p.z_rows)[g.row] = A(0);
+      }
     }
   }
 }
@@ -513,8 +573,9 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamMinBlocks<typename Stor
 // Split softmax rows, second launch: block (row, split) combines the row's partials in a fixed order (every
 // block of the row gets the same bits), split 0 writes the loss, and each block writes the gradient of its
 // chunks (one block per row without a gradient).
-template <typename T>
-__global__ void __launch_bounds__(kStreamThreads) cb_softmax_split_finish_kernel(const KernelArgs p) {
+template <typename T, TfKind kTf>
+__global__ void __launch_bounds__(kStreamThreads, kFinishMinBlocks<kTf>) cb_softmax_split_finish_kernel(
+    const KernelArgs p) {
   using A = typename Storage<T>::Acc;
   const RowGroup g = row_group(p);
   const int split = static_cast<int>(blockIdx.y);
@@ -530,11 +591,11 @@ __global__ void __launch_bounds__(kStreamThreads) cb_softmax_split_finish_kernel
   }
   const A m = finite_or_zero(st.m);
   const ShiftedExp<A> ex(m);
-  const SoftmaxRowOut<A> out = finish_softmax_row(p, r, st, ex, m);
-  if (split == 0 && threadIdx.x == 0) static_cast<A*>(p.loss)[g.row] = r.valid ? out.loss : A(0);
+  const SoftmaxRowOut<A> out = finish_softmax_row<kTf>(p, r, st, ex, m);
+  if (split == 0 && threadIdx.x == 0) store_softmax_row<kTf>(p, r, g.row, out);
   if (p.has_grad) {
     const int c_lo = split * p.chunks_per_split;
-    stream_softmax_grad(g, r, static_cast<int>(p.num_classes), c_lo, min(r.chunks, c_lo + p.chunks_per_split), ex, out);
+    stream_softmax_grad<kTf>(g, r, static_cast<int>(p.num_classes), c_lo, min(r.chunks, c_lo + p.chunks_per_split), ex, out);
   }
 }
 
@@ -547,7 +608,10 @@ __global__ void __launch_bounds__(32) cb_sigmoid_split_sum_kernel(const KernelAr
   const A* ws = static_cast<const A*>(p.workspace) + row * p.splits;
   for (int k = static_cast<int>(threadIdx.x); k < p.splits; k += 32) acc += ws[k];
   acc = warp_allreduce(acc, SumOp{}, 32);
-  if (threadIdx.x == 0) static_cast<A*>(p.loss)[row] = t.valid ? t.weight<A>(p) * acc : A(0);
+  if (threadIdx.x == 0) {
+    static_cast<A*>(p.loss)[row] = t.valid ? t.weight<A>(p) * acc : A(0);
+    if (p.z_rows != nullptr) static_cast<A*>(p.z_rows)[row] = A(0);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -588,20 +652,21 @@ __global__ void __launch_bounds__(kReduceThreads) cb_reduce_rows_kernel(const Ke
 // ---------------------------------------------------------------------------------------------------------
 // Launch of one storage type; cb_loss_cuda.cu has chosen the plan.
 
-template <typename T, class Family>
+template <typename T, class Family, TfKind kTf>
 cudaError_t launch_family(const KernelArgs& args, const CBLossCudaPlan& plan, cudaStream_t stream) {
   const unsigned rows = static_cast<unsigned>(plan.grid_rows);
   if constexpr (Family::kSoftmax) {
     if (plan.path == Path::kRows) {
-      CB_LAUNCH_KERNEL(rows, plan.block_threads, stream, args, cb_softmax_rows_kernel<T>);
+      CB_LAUNCH_KERNEL(rows, plan.block_threads, stream, args, cb_softmax_rows_kernel<T, kTf>);
       return cudaGetLastError();
     }
   }
-  CB_LAUNCH_KERNEL(dim3(rows, plan.splits), plan.block_threads, stream, args, cb_loss_stream_kernel<T, Family>);
+  CB_LAUNCH_KERNEL(dim3(rows, plan.splits), plan.block_threads, stream, args, cb_loss_stream_kernel<T, Family, kTf>);
   if (plan.splits > 1) {
     if constexpr (Family::kSoftmax) {
       const unsigned grad_splits = args.has_grad ? static_cast<unsigned>(plan.splits) : 1u;
-      CB_LAUNCH_KERNEL(dim3(rows, grad_splits), plan.block_threads, stream, args, cb_softmax_split_finish_kernel<T>);
+      CB_LAUNCH_KERNEL(dim3(rows, grad_splits), plan.block_threads, stream, args,
+                       cb_softmax_split_finish_kernel<T, kTf>);
     } else {
       CB_LAUNCH_KERNEL(rows, 32, stream, args, cb_sigmoid_split_sum_kernel<typename Storage<T>::Acc>);
     }
@@ -609,16 +674,32 @@ cudaError_t launch_family(const KernelArgs& args, const CBLossCudaPlan& plan, cu
   return cudaGetLastError();
 }
 
+template <typename T, TfKind kTf>
+cudaError_t launch_transformed(const KernelArgs& args, const CBLossCudaPlan& plan, bool softmax, GammaKind gk,
+                               cudaStream_t stream) {
+  // Transformed logits take one kernel for every sigmoid focal exponent (kGeneral is as accurate as the special
+  // ones; the identical gamma 0 is kept apart, as the loss without a modulator, whose kGeneral form would make
+  // 0 * inf a NaN at an infinite logit): five kernels per storage type and transform kind.
+  if (softmax) return launch_family<T, SoftmaxFamily, kTf>(args, plan, stream);
+  if (gk == GammaKind::kZero) return launch_family<T, SigmoidFamily<GammaKind::kZero>, kTf>(args, plan, stream);
+  return launch_family<T, SigmoidFamily<GammaKind::kGeneral>, kTf>(args, plan, stream);
+}
+
 template <typename T>
 cudaError_t launch_loss(const KernelArgs& args, const CBLossCudaPlan& plan, int loss_type, cudaStream_t stream) {
-  if (loss_type == kSoftmax || loss_type == kSoftmaxFocal) return launch_family<T, SoftmaxFamily>(args, plan, stream);
+  const bool softmax = loss_type == kSoftmax || loss_type == kSoftmaxFocal;
   // A focal loss with gamma 0 is sigmoid cross-entropy (gamma_kind is kZero then).
-  switch (loss_type == kSigmoid ? GammaKind::kZero : args.gamma_kind) {
-    case GammaKind::kZero: return launch_family<T, SigmoidFamily<GammaKind::kZero>>(args, plan, stream);
-    case GammaKind::kHalf: return launch_family<T, SigmoidFamily<GammaKind::kHalf>>(args, plan, stream);
-    case GammaKind::kOne: return launch_family<T, SigmoidFamily<GammaKind::kOne>>(args, plan, stream);
-    case GammaKind::kTwo: return launch_family<T, SigmoidFamily<GammaKind::kTwo>>(args, plan, stream);
-    default: return launch_family<T, SigmoidFamily<GammaKind::kGeneral>>(args, plan, stream);
+  const GammaKind gk = loss_type == kSigmoid ? GammaKind::kZero : args.gamma_kind;
+  if (args.tf_kind == TfKind::kCapped) return launch_transformed<T, TfKind::kCapped>(args, plan, softmax, gk, stream);
+  if (args.tf_kind == TfKind::kAffine) return launch_transformed<T, TfKind::kAffine>(args, plan, softmax, gk, stream);
+  constexpr TfKind kOff = TfKind::kOff;
+  if (softmax) return launch_family<T, SoftmaxFamily, kOff>(args, plan, stream);
+  switch (gk) {
+    case GammaKind::kZero: return launch_family<T, SigmoidFamily<GammaKind::kZero>, kOff>(args, plan, stream);
+    case GammaKind::kHalf: return launch_family<T, SigmoidFamily<GammaKind::kHalf>, kOff>(args, plan, stream);
+    case GammaKind::kOne: return launch_family<T, SigmoidFamily<GammaKind::kOne>, kOff>(args, plan, stream);
+    case GammaKind::kTwo: return launch_family<T, SigmoidFamily<GammaKind::kTwo>, kOff>(args, plan, stream);
+    default: return launch_family<T, SigmoidFamily<GammaKind::kGeneral>, kOff>(args, plan, stream);
   }
 }
 

@@ -86,6 +86,39 @@ struct FastMathF32 {
   static CB_DEVICE float select_nonneg(float v, float if_nonneg, float if_neg) { return v >= 0.0f ? if_nonneg : if_neg; }
 };
 
+// 1 / y for y in [1, 2] to within an ulp, with no division (IEEE division's slow path is a call, whose ABI spills
+// registers in the kernels' loops): __fdividef's reciprocal (2 ulp), then Newton steps y r -> 1 that each square the
+// relative error, one for float, two for double (2^-22, 2^-44, then below double's rounding).
+CB_DEVICE float recip_unit(float y) {
+  const float r = __fdividef(1.0f, y);
+  return fmaf(r, fmaf(-y, r, 1.0f), r);
+}
+CB_DEVICE double recip_unit(double y) {
+  double r = static_cast<double>(__fdividef(1.0f, static_cast<float>(y)));
+  r = ::fma(r, ::fma(-y, r, 1.0), r);
+  return ::fma(r, ::fma(-y, r, 1.0), r);
+}
+
+// cb_math.h's tanh_sech2 (the softcap's tanh(x) and 1 - tanh(x)^2 without cancellation, from e = exp(-2|x|)) with
+// that reciprocal of 1 + e, in [1, 2], for its IEEE division (whose slow path is a call: spills).
+template <typename A>
+CB_DEVICE Tanh<A> tanh_sech2_gpu(A x) {
+  const A ax = cb_fabs(x);
+  const A e = cb_exp(A(-2) * ax);
+  const A d = recip_unit(A(1) + e);
+  Tanh<A> r;
+  r.sech2 = A(4) * e * d * d;
+  A t_abs;
+  if constexpr (sizeof(A) == sizeof(double)) {
+    const A em = cb_expm1(A(-2) * ax);
+    t_abs = -em * recip_unit(A(2) + em);
+  } else {
+    t_abs = ax < A(0.25) ? tanh_small(ax) : (A(1) - e) * d;
+  }
+  r.t = cb_copysign(t_abs, x);
+  return r;
+}
+
 template <typename A> struct ElemMath;
 template <> struct ElemMath<float> { using type = FastMathF32; };
 template <> struct ElemMath<double> { using type = ScalarMath<double>; };  // float64 stays exact: no approximations

@@ -115,7 +115,7 @@ def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits
     lib = load()
     out = (ctypes.c_int64 * 7)()
     p = _params(logits, num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits,
-                loss_type=loss_type, gamma=0.5)
+                loss_type=loss_type, gamma=0.5, logit_scale=1.0)
     if lib.cbk_emu_plan(ctypes.byref(p), out) != 0:
         return None
     keys = ("path", "threads_per_row", "block_threads", "grid_rows", "splits", "chunks_per_split", "workspace")
@@ -128,13 +128,22 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
 def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
             loss_type: int, gamma: float = 0.0, label_smoothing: float = 0.0, ignore_index: int = -100, *,
             grad: Optional[torch.Tensor] = None, compute_grad: bool = True, num_sms: int = 4, path: str = "auto",
-            threads_per_row: int = 0, splits: int = 0,
-            reduction: str = "none") -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+            threads_per_row: int = 0, splits: int = 0, reduction: str = "none", softcap: float = 0.0,
+            logit_offset: Optional[torch.Tensor] = None, target_margin: Optional[torch.Tensor] = None,
+            logit_scale: float = 1.0, z_loss: float = 0.0,
+            z_rows: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
     """The loss and ``s * dl/dz`` from the emulated kernels, as the binding launches them: the loss is per row for
     ``reduction="none"``, else the 0-d ``s * sum_i l_i``; without ``scale`` the launch computes ``s`` of the
     reduction (its value is returned in the plan dict as ``"scale"``). ``grad`` may be the logits (in place) or
-    any buffer of the logits' shape. Outputs start as NaN, so an element the kernels leave unwritten shows."""
+    any buffer of the logits' shape. The logit transforms and z-loss (SPEC sections 10-11) as the op takes them
+    (softcap 0: none; ``logit_offset`` / ``target_margin`` float32 ``[C]``); ``z_rows=True`` asks for each row's
+    z-loss term, returned in the plan dict as ``"z_rows"``. Outputs start as NaN, so an element the kernels leave
+    unwritten shows."""
     lib = load()
+    for vec in (logit_offset, target_margin):
+        assert vec is None or (vec.dtype == torch.float32 and vec.shape == logits.shape[1:] and vec.is_contiguous())
+    zr = torch.full((logits.shape[0],), float("nan"), dtype=torch.float64 if logits.dtype == torch.float64
+                    else torch.float32) if z_rows else None
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.full((logits.shape[0],), float("nan"), dtype=acc)
     reduced = torch.full((), float("nan"), dtype=acc) if reduction != "none" else None
@@ -153,10 +162,14 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, sc
                      scale=_ptr(scale), scale_is_double=scale is not None and scale.dtype == torch.float64,
                      loss=loss.data_ptr(), reduced=_ptr(reduced), workspace=_ptr(ws), loss_type=loss_type,
                      gamma=float(gamma), label_smoothing=float(label_smoothing), ignore_index=ignore_index,
-                     reduction=REDUCTIONS[reduction], compute_scale=compute_scale)
+                     reduction=REDUCTIONS[reduction], compute_scale=compute_scale, softcap=float(softcap),
+                     logit_offset=_ptr(logit_offset), target_margin=_ptr(target_margin), logit_scale=float(logit_scale),
+                     z_loss=float(z_loss), z_rows=_ptr(zr))
     rc = lib.cbk_emu_launch(ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"cb_loss_cuda_launch returned CUDA error {rc}")
     if compute_scale:
         p = dict(p, scale=scale)
+    if z_rows:
+        p = dict(p, z_rows=zr)
     return (loss if reduced is None else reduced), grad, p
