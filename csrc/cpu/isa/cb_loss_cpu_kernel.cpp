@@ -191,13 +191,27 @@ CB_HOST_DEVICE Vectorized<T> load_vector(const float* v, int64_t j, int64_t n) {
   }
 }
 
+// 1 / y per lane for y in [1, 2]: the hardware's reciprocal estimate and one Newton step (a correctly rounded
+// result but for about one lane in 1e5, then 1 ulp off), where a division would cost as much as the rest of the
+// softcap's arithmetic (vdivps: one result per ~10 cycles).
+CB_HOST_DEVICE Vectorized<float> recip_unit(const Vectorized<float>& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vectorized<float> r(_mm512_rcp14_ps(y));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Vectorized<float> r(_mm256_rcp_ps(y));
+#else
+  const Vectorized<float> r = y.reciprocal();
+#endif
+  return at::vec::fmadd(r, at::vec::fmadd(Vectorized<float>(0.0f) - y, r, Vectorized<float>(1.0f)), r);
+}
+
 // tanh(x) and sech(x)^2 = 1 - tanh(x)^2 per lane, by cb_math.h's tanh_sech2 (no cancellation): one inlined exp
 // and the short series in float.
 CB_HOST_DEVICE void tanh_sech2(const Vectorized<float>& x, Vectorized<float>& t, Vectorized<float>& sech2) {
   using V = Vectorized<float>;
   const V ax = x.abs();
   const V e = exp_nonpos(V(-2.0f) * ax);
-  const V d = (V(1.0f) + e).reciprocal();
+  const V d = recip_unit(V(1.0f) + e);
   sech2 = V(4.0f) * e * d * d;
   const V x2 = ax * ax;
   V poly = at::vec::fmadd(x2, V(62.0f / 2835), V(-17.0f / 315));
@@ -218,65 +232,94 @@ CB_HOST_DEVICE void tanh_sech2(const Vectorized<double>& x, Vectorized<double>& 
   t = select_lt(x, V(0.0), V(0.0) - t_abs, t_abs);
 }
 
-// The logit transforms of SPEC section 10 (cb_math.h's LogitTransform) for the SIMD loops of one thread's rows. Every
-// logit read passes through first() (the row's first read: it evaluates the softcap's tanh and, for the softmax
-// rows, keeps tanh and sech^2 per column) or again() (later reads of the row: from the kept tanh, no second
-// transcendental), and every gradient store through grad(). Each transform that is off costs a predictable branch
-// per SIMD piece and no arithmetic. The target column's margin is applied in scalar code (target_logit).
+// The logit transforms of SPEC section 10 (cb_math.h's LogitTransform) in the SIMD loops of one thread's rows:
+// z' = s (c tanh(z / c) + o_j) for every column through logit() (the target's margin is applied in scalar code:
+// target_logit), and dl/dz = sech^2(z / c) dl/dz' through grad(). The scale s is folded: logit() forms s c tanh and
+// s o_j (kept per call), and the rows fold s into their per-row gradient coefficients (grad_scale()), so a
+// transform costs one FMA or add per element and pass, and every one that is off a predictable branch per SIMD
+// piece. With keep (the softmax rows), logit() keeps z' and sech^2 per column of the row (again(), grad()): the
+// later passes read them instead of a second tanh, which also leaves the raw logits free to be overwritten in place.
+//
+// A plain value (pointers and numbers, no owned memory: TransformBuffers owns that), copied into each row function
+// as a local: the compiler then keeps its fields in registers. As members of an object in memory they were reloaded
+// and re-tested in every SIMD piece, since the rows' float stores might have changed them (+40% on a softmax row
+// with an offset alone).
 template <typename T>
-class RowTransform {
- public:
+struct RowTransform {
   using Vec = Vectorized<T>;
-  RowTransform(const CBLossParams& p, bool keep) : s_(LogitTransform<T>::from(p)), cap_(s_.softcap()) {
-    if (cap_ && keep) {
-      tanh_.resize(p.num_classes);
-      sech2_.resize(p.num_classes);
-    }
-  }
-  const LogitTransform<T>& scalar() const { return s_; }
-  bool on() const { return cap_ || s_.offset != nullptr || s_.scale != T(1); }
-  bool factor_on() const { return cap_ || s_.scale != T(1); }
+  LogitTransform<T> s;
+  const T* scaled_offset;  // s o_j when both are on, else nullptr
+  T* kept_logit;           // [C] z' of the current row (softmax rows with a softcap), else nullptr
+  T* kept_sech2;           // [C] sech^2(z / c) of the current row, likewise
+  bool cap;
+
+  // Whether the SIMD loops transform (the margin is the scalar target's only: target_on()).
+  bool on() const { return cap || s.offset != nullptr || s.scale != T(1); }
+  bool target_on() const { return on() || s.margin != nullptr; }
+  // The factor the rows multiply their gradient coefficients by (the scale's part of dz'/dz).
+  T grad_scale() const { return s.scale; }
 
   // z' of columns [j, j + n) (no margin) from their raw logits z; sech2 receives the softcap's factor when on.
-  CB_HOST_DEVICE Vec first(const Vec& z, int64_t j, int64_t n, Vec* sech2 = nullptr) {
-    Vec x = z;
-    if (cap_) {
-      Vec t, s2;
-      tanh_sech2(z * Vec(s_.inv_cap), t, s2);
-      if (!tanh_.empty()) {
-        t.store(tanh_.data() + j, n);
-        s2.store(sech2_.data() + j, n);
-      }
-      if (sech2 != nullptr) *sech2 = s2;
-      x = t * Vec(s_.cap);
+  CB_HOST_DEVICE Vec logit(const Vec& z, int64_t j, int64_t n, Vec* sech2 = nullptr) const {
+    if (!cap) return affine(z, s.scale, j, n);
+    Vec t, s2;
+    tanh_sech2(z * Vec(s.inv_cap), t, s2);
+    const Vec x = affine(t, s.cap * s.scale, j, n);
+    if (kept_logit != nullptr) {
+      x.store(kept_logit + j, n);
+      s2.store(kept_sech2 + j, n);
     }
-    return finish(x, j, n);
+    if (sech2 != nullptr) *sech2 = s2;
+    return x;
   }
-  // The same z' again (softmax rows, after first()), the softcap's tanh read back.
+  // z' again (the softmax rows' second pass): the kept value with a softcap, else formed again (one FMA).
   CB_HOST_DEVICE Vec again(const Vec& z, int64_t j, int64_t n) const {
-    return finish(cap_ ? Vec::loadu(tanh_.data() + j, n) * Vec(s_.cap) : z, j, n);
+    return cap ? Vec::loadu(kept_logit + j, n) : affine(z, s.scale, j, n);
   }
-  // dl/dz from dl/dz' of columns [j, j + n); sech2: the softcap factor of first() (nullptr: the kept one).
+  // dl/dz from dl/dz' (the scale aside) of columns [j, j + n); sech2: logit()'s (nullptr: the kept one).
   CB_HOST_DEVICE Vec grad(const Vec& g, int64_t j, int64_t n, const Vec* sech2 = nullptr) const {
-    if (cap_) return g * (sech2 != nullptr ? *sech2 : Vec::loadu(sech2_.data() + j, n)) * Vec(s_.scale);
-    return s_.scale != T(1) ? g * Vec(s_.scale) : g;
+    if (!cap) return g;
+    return g * (sech2 != nullptr ? *sech2 : Vec::loadu(kept_sech2 + j, n));
   }
-  // The target column's dl/dz from dl/dz' and its raw logit (the kept factor of a softmax row when there is one).
+  // The target column's dl/dz from dl/dz' (the scale aside) and its raw logit.
   CB_HOST_DEVICE T target_grad(T g, T z, int64_t y) const {
-    if (cap_ && !sech2_.empty()) return g * sech2_[y] * s_.scale;
-    return s_.grad(g, z);
+    if (!cap) return g;
+    return g * (kept_sech2 == nullptr ? cbkernels::tanh_sech2(z * s.inv_cap).sech2 : kept_sech2[y]);
   }
 
  private:
-  CB_HOST_DEVICE Vec finish(Vec x, int64_t j, int64_t n) const {
-    if (s_.offset != nullptr) x = x + load_vector<T>(s_.offset, j, n);
-    if (s_.scale != T(1)) x = x * Vec(s_.scale);
-    return x;
+  // scale * x + s o_j (x * scale, x + o_j, or x when a part is off).
+  CB_HOST_DEVICE Vec affine(const Vec& x, T scale, int64_t j, int64_t n) const {
+    if (scaled_offset != nullptr) return at::vec::fmadd(x, Vec(scale), Vec::loadu(scaled_offset + j, n));
+    const Vec y = scale != T(1) ? x * Vec(scale) : x;
+    return s.offset != nullptr ? y + load_vector<T>(s.offset, j, n) : y;
   }
+};
 
-  LogitTransform<T> s_;
-  bool cap_;
-  std::vector<T> tanh_, sech2_;  // per column of the current row (softmax rows with softcap)
+// The memory a RowTransform points into, for one thread's rows (keep: the softmax rows' per-column z' and sech^2).
+template <typename T>
+class TransformBuffers {
+ public:
+  TransformBuffers(const CBLossParams& p, bool keep) {
+    const LogitTransform<T> s = LogitTransform<T>::from(p);
+    const int64_t C = p.num_classes;
+    view_ = RowTransform<T>{s, nullptr, nullptr, nullptr, s.softcap()};
+    if (s.offset != nullptr && s.scale != T(1)) {
+      scaled_offset_.resize(C);
+      for (int64_t j = 0; j < C; ++j) scaled_offset_[j] = s.scale * static_cast<T>(s.offset[j]);
+      view_.scaled_offset = scaled_offset_.data();
+    }
+    if (view_.cap && keep) {
+      kept_.resize(2 * C);
+      view_.kept_logit = kept_.data();
+      view_.kept_sech2 = kept_.data() + C;
+    }
+  }
+  RowTransform<T> view() const { return view_; }
+
+ private:
+  RowTransform<T> view_;
+  std::vector<T> scaled_offset_, kept_;
 };
 
 // A row whose target does not count (cb_params.h): written as ignored. (A bad target never gets here: the binding
@@ -296,9 +339,10 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   const int64_t C = p.num_classes;
   const T gamma = static_cast<T>(p.gamma);
   const Vec vgamma(gamma);
-  const T scale = load_scale<T>(p);
-  RowTransform<T> tf(p, false);
-  const bool factor_on = tf.factor_on();
+  const TransformBuffers<T> buffers(p, false);
+  const RowTransform<T> tf = buffers.view();
+  const bool transformed = tf.on(), capped = tf.cap;
+  const T scale = load_scale<T>(p) * tf.grad_scale();
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
     scalar_t* g = p.grad ? static_cast<scalar_t*>(p.grad) + i * p.grad_row_stride : nullptr;
@@ -310,7 +354,7 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
     if (p.z_rows != nullptr) static_cast<T*>(p.z_rows)[i] = 0;  // no z-loss for the one-vs-all losses
     const int64_t y = t.column;
     const T zy_raw = static_cast<T>(z[y]);  // read first: in place, the pieces below overwrite it
-    const T zy = tf.scalar().logit(zy_raw, y, true);
+    const T zy = tf.target_on() ? tf.s.logit(zy_raw, y, true) : zy_raw;
     const T a = t.weight<T>(p);
     const T k = a * scale;
     const Vec vk(k);
@@ -319,9 +363,10 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
     // from the sum and its gradient rewritten below.
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
       Vec l, dl, sech2;
-      focal_term<G, VecMath<T>>(Vec(0) - tf.first(load(z + j, n), j, n, &sech2), vgamma, l, dl);
+      const Vec x = transformed ? tf.logit(load(z + j, n), j, n, &sech2) : load(z + j, n);
+      focal_term<G, VecMath<T>>(Vec(0) - x, vgamma, l, dl);
       acc = acc + drop_target(head(l, n), j, n, y);
-      if (g != nullptr) store(g + j, factor_on ? tf.grad(dl * vk, j, n, &sech2) : dl * vk, n);
+      if (g != nullptr) store(g + j, capped ? tf.grad(dl * vk, j, n, &sech2) : dl * vk, n);
     });
     T ly, dly;
     focal_term<G, ScalarMath<T>>(zy, gamma, ly, dly);
@@ -337,10 +382,11 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
   const int64_t C = p.num_classes;
-  const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p));
+  const TransformBuffers<T> buffers(p, true);
+  const RowTransform<T> tf = buffers.view();
+  const bool transformed = tf.on(), capped = tf.cap;
+  const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p) * tf.grad_scale());
   const bool smoothing = epilogue.smoothing();
-  RowTransform<T> tf(p, true);
-  const bool transformed = tf.on(), factor_on = tf.factor_on();
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
   // The exps live in the gradient row when it has the compute type (no extra memory, and in place
   // they simply replace the logits already read), else in one float buffer per call, i.e. per thread.
@@ -358,15 +404,15 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
     Vec vmax = neg_inf;
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = transformed ? tf.first(load(z + j, n), j, n) : load(z + j, n);
+      const Vec x = transformed ? tf.logit(load(z + j, n), j, n) : load(z + j, n);
       // A NaN may or may not survive this max; either way it reaches the row's sum through its exp.
       vmax = at::vec::clamp_min(n == Vec::size() ? x : Vec::set(neg_inf, x, n), vmax);
     });
     T m = hmax(vmax);
     const T zy_raw = static_cast<T>(z[y]);
-    const T zy = tf.scalar().logit(zy_raw, y, true);
+    const T zy = tf.target_on() ? tf.s.logit(zy_raw, y, true) : zy_raw;
     // The target's lane above had no margin: a negative margin can lift z'_y above every lane.
-    if (tf.scalar().margin != nullptr && zy > m) m = zy;
+    if (tf.s.margin != nullptr && zy > m) m = zy;
 
     T* e = nullptr;
     if constexpr (kExpsInGrad) {
@@ -388,7 +434,7 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
     T dist_sum = smoothing ? hsum(dist) : T(0);
     // The target's lane entered dist without its margin: m - z'_y = (m - lane) + (lane - z'_y).
-    if (smoothing && tf.scalar().margin != nullptr) dist_sum += tf.scalar().logit(zy_raw, y, false) - zy;
+    if (smoothing && tf.s.margin != nullptr) dist_sum += tf.s.logit(zy_raw, y, false) - zy;
     const SoftmaxRowStats<T> st{m, zy, ey, hsum(s_other), dist_sum, T(0)};
     const SoftmaxRowOut<T> out = epilogue(st, t.weight<T>(p));
     static_cast<T*>(p.loss)[i] = out.loss;
@@ -398,9 +444,9 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
     const Vec k1(out.k1), k0(out.k0);
     for_row_chunks<T>(g, C, [&](int64_t j, int64_t n) {
       const Vec d = load(e + j, n) * k1 - k0;
-      store(g + j, factor_on ? tf.grad(d, j, n) : d, n);
+      store(g + j, capped ? tf.grad(d, j, n) : d, n);
     });
-    g[y] = static_cast<scalar_t>(factor_on ? tf.target_grad(out.gy, zy_raw, y) : out.gy);
+    g[y] = static_cast<scalar_t>(tf.target_grad(out.gy, zy_raw, y));
   }
 }
 
