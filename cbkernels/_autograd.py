@@ -33,7 +33,7 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
         flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
         z = logits if flat else logits.reshape(-1, logits.shape[-1])
         args = (z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
-        loss = _cpu_loss_op(*args) if tensors is NO_TENSORS else _cpu_loss_op(*args, *tensors[:2])
+        loss = _cpu_loss_op(*args) if tensors is NO_TENSORS else _cpu_loss_op(*args, **tensors.kwargs())
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
     loss, z_rows = CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale,
                                         tensors, return_z_loss)
@@ -46,9 +46,9 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
     return loss, z_rows.sum() * scale.to(z_rows.dtype)
 
 
-def _cpu_loss_op(*args) -> Tensor:
+def _cpu_loss_op(*args, **kwargs) -> Tensor:
     """``cbkernels::cb_loss`` (its module ``_ops`` is loaded by resolving the ``cpu`` backend, before any call)."""
-    return torch.ops.cbkernels.cb_loss.default(*args)
+    return torch.ops.cbkernels.cb_loss.default(*args, **kwargs)
 
 
 class CBLossFunction(torch.autograd.Function):

@@ -67,12 +67,24 @@ class LossSpec(NamedTuple):
         return self.softcap != 0.0 or self.logit_scale != 1.0 or self.z_loss != 0.0
 
     def op_args(self) -> tuple:
-        """The fields' values in the order of ``cb_loss_fwd_inplace`` and ``cb_loss`` (no ``compute_grad``)."""
-        return tuple(self)
+        """The fields' values in the order of ``cb_loss_fwd_inplace`` and ``cb_loss`` (no ``compute_grad``), the
+        trailing ones that hold their default left out (the schema supplies them: every argument passed costs the
+        op call its conversion, about half a microsecond, at CIFAR sizes a few percent of the whole step)."""
+        args = _OP_ARGS.get(self)
+        if args is None:
+            n = len(self)
+            while n > _NUM_LEADING and self[n - 1] == _DEFAULTS[n - 1]:
+                n -= 1
+            args = tuple(self[:n])
+            if len(_OP_ARGS) < 256 and not torch.compiler.is_compiling():
+                _OP_ARGS[self] = args
+        return args
 
     def fwd_args(self, compute_grad: bool) -> tuple:
-        """The scalar arguments of ``cb_loss_fwd``: the leading fields, ``compute_grad``, the trailing fields."""
-        return (*self[:_NUM_LEADING], compute_grad, *self[_NUM_LEADING:])
+        """The scalar arguments of ``cb_loss_fwd``: the leading fields, ``compute_grad``, the trailing fields (those
+        that hold their default left out, as in ``op_args``)."""
+        args = self.op_args()
+        return (*args[:_NUM_LEADING], compute_grad, *args[_NUM_LEADING:])
 
     @classmethod
     def from_op_args(cls, args) -> "LossSpec":
@@ -94,6 +106,11 @@ class LogitTensors(NamedTuple):
     target_margin: Optional[Tensor] = None
     z_rows: Optional[Tensor] = None
 
+    def kwargs(self) -> dict:
+        """The given ones as keyword arguments of an op call (the spec's trailing defaults may be left out before
+        them: ``LossSpec.op_args``)."""
+        return {k: v for k, v in zip(self._fields, self) if v is not None}
+
     @classmethod
     def from_args(cls, args, fwd: bool) -> "LogitTensors":
         """The tensors back from an op's flat arguments after its four leading tensors (``fwd``: ``cb_loss_fwd``'s,
@@ -102,6 +119,8 @@ class LogitTensors(NamedTuple):
 
 
 NO_TENSORS = LogitTensors()
+_DEFAULTS = tuple(LossSpec._field_defaults.get(f) for f in LossSpec._fields)
+_OP_ARGS: dict = {}  # spec -> op_args() (specs are few per process; capped, then not trimmed)
 TRAILING_FIELDS = ("reduction", "softcap", "logit_scale", "z_loss")  # added after the ops' first schema: last
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
 _NUM_LEADING = len(LossSpec._fields) - len(TRAILING_FIELDS)

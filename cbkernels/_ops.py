@@ -30,9 +30,9 @@ forward = _fwd  # (logits, target, weight, scale, *LossSpec.fwd_args(compute_gra
 loss = torch.ops.cbkernels.cb_loss.default
 
 
-def forward_inplace(logits: Tensor, *args) -> Tensor:
+def forward_inplace(logits: Tensor, *args, **kwargs) -> Tensor:
     """The in-place op: per-row loss ``[N]``; ``scale * dl/dz`` is written over ``logits``."""
-    rows = _fwd_inplace(logits, *args)
+    rows = _fwd_inplace(logits, *args, **kwargs)
     if not torch.compiler.is_compiling():
         # Like every in-place ATen op: bump the version counter, so that autograd refuses to use the overwritten
         # values where another node saved them (logits = x.exp() with inplace_backward=True) instead of silently
@@ -47,10 +47,10 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Ten
     """The loss (``[N]`` or 0-d, see ``_opdefs``) and ``s * dl/dz`` ``[N, C]`` (empty when not ``compute_grad``)."""
     if tensors is _opdefs.NO_TENSORS:
         return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad))
-    return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
+    return _fwd(logits, target, weight, scale, *spec.fwd_args(compute_grad), **tensors.kwargs())
 
 
 def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor],
                      spec: _opdefs.LossSpec, tensors: _opdefs.LogitTensors = _opdefs.NO_TENSORS) -> Tensor:
     """The loss (``[N]`` or 0-d); ``s * dl/dz`` is written over ``logits``."""
-    return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)
+    return forward_inplace(logits, target, weight, scale, *spec.op_args(), **tensors.kwargs())

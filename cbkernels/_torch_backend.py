@@ -176,7 +176,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Ten
     """The backend's forward (see _backends): the op under torch.compile; in eager mode the function itself, which
     skips the op dispatch and the spec's flattening."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), **tensors.kwargs())
     return _forward(logits, target, weight, scale, spec, compute_grad, tensors)
 
 
@@ -184,5 +184,5 @@ def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Opti
                      tensors: LogitTensors = NO_TENSORS) -> Tensor:
     """In-place forward; eager calls bump the logits' version counter through the in-place copies they make."""
     if torch.compiler.is_compiling():
-        return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)
+        return forward_inplace(logits, target, weight, scale, *spec.op_args(), **tensors.kwargs())
     return _forward_inplace(logits, target, weight, scale, spec, tensors)

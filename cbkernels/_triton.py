@@ -354,7 +354,7 @@ def loss_fwd(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Ten
              compute_grad: bool, tensors: LogitTensors = NO_TENSORS) -> Tuple[Tensor, Tensor]:
     """The backend's forward (see _backends): the op under torch.compile, the function itself in eager mode."""
     if torch.compiler.is_compiling():
-        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), *tensors)
+        return forward(logits, target, weight, scale, *spec.fwd_args(compute_grad), **tensors.kwargs())
     return _forward(logits, target, weight, scale, spec, compute_grad, tensors)
 
 
@@ -363,7 +363,7 @@ def loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Tensor, scale: Opti
     """In-place forward: the op under torch.compile (which tracks the mutation); in eager mode the function itself,
     then the logits' version counter bumped as an in-place op would (the kernel writes them behind autograd)."""
     if torch.compiler.is_compiling():
-        return forward_inplace(logits, target, weight, scale, *spec.op_args(), *tensors)
+        return forward_inplace(logits, target, weight, scale, *spec.op_args(), **tensors.kwargs())
     rows = _forward_inplace(logits, target, weight, scale, spec, tensors)
     torch.autograd.graph.increment_version(logits)
     return rows

@@ -332,7 +332,10 @@ inline void skip_row(const CBLossParams& p, int64_t i, scalar_t* g) {
 }
 
 // Sigmoid cross-entropy (G = kZero) and sigmoid focal: a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij].
-template <typename scalar_t, GammaKind G>
+// kTf: whether the SIMD loops may transform (rows_for_dtype instantiates the loops twice, so that a call without
+// transforms runs loops with no transform code in them at all: as a never-taken branch it still cost registers
+// and up to 1.5x on 256 x 8142).
+template <typename scalar_t, GammaKind G, bool kTf>
 CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) {
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
@@ -341,7 +344,7 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   const Vec vgamma(gamma);
   const TransformBuffers<T> buffers(p, false);
   const RowTransform<T> tf = buffers.view();
-  const bool transformed = tf.on(), capped = tf.cap;
+  const bool transformed = kTf && tf.on(), capped = kTf && tf.cap;
   const T scale = load_scale<T>(p) * tf.grad_scale();
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* z = static_cast<const scalar_t*>(p.logits) + i * p.logits_row_stride;
@@ -377,14 +380,14 @@ CB_FLATTEN void sigmoid_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
 // Softmax cross-entropy (with label smoothing) and softmax focal. Three passes over the row: max,
 // exp (the only transcendental per element, kept for the gradient pass), gradient.
-template <typename scalar_t>
+template <typename scalar_t, bool kTf>
 CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) {
   using T = acc_t<scalar_t>;
   using Vec = Vectorized<T>;
   const int64_t C = p.num_classes;
   const TransformBuffers<T> buffers(p, true);
   const RowTransform<T> tf = buffers.view();
-  const bool transformed = tf.on(), capped = tf.cap;
+  const bool transformed = kTf && tf.on(), capped = kTf && tf.cap;
   const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p) * tf.grad_scale());
   const bool smoothing = epilogue.smoothing();
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
@@ -450,16 +453,22 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   }
 }
 
+template <typename scalar_t, bool kTf>
+void rows_for_kind(const CBLossParams& p, int64_t begin, int64_t end) {
+  if (p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal) return softmax_rows<scalar_t, kTf>(p, begin, end);
+  switch (p.loss_type == kSigmoid ? GammaKind::kZero : gamma_kind(p.gamma)) {
+    case GammaKind::kZero: return sigmoid_rows<scalar_t, GammaKind::kZero, kTf>(p, begin, end);
+    case GammaKind::kHalf: return sigmoid_rows<scalar_t, GammaKind::kHalf, kTf>(p, begin, end);
+    case GammaKind::kOne: return sigmoid_rows<scalar_t, GammaKind::kOne, kTf>(p, begin, end);
+    case GammaKind::kTwo: return sigmoid_rows<scalar_t, GammaKind::kTwo, kTf>(p, begin, end);
+    default: return sigmoid_rows<scalar_t, GammaKind::kGeneral, kTf>(p, begin, end);
+  }
+}
+
 template <typename scalar_t>
 void rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
-  if (p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal) return softmax_rows<scalar_t>(p, begin, end);
-  switch (p.loss_type == kSigmoid ? GammaKind::kZero : gamma_kind(p.gamma)) {
-    case GammaKind::kZero: return sigmoid_rows<scalar_t, GammaKind::kZero>(p, begin, end);
-    case GammaKind::kHalf: return sigmoid_rows<scalar_t, GammaKind::kHalf>(p, begin, end);
-    case GammaKind::kOne: return sigmoid_rows<scalar_t, GammaKind::kOne>(p, begin, end);
-    case GammaKind::kTwo: return sigmoid_rows<scalar_t, GammaKind::kTwo>(p, begin, end);
-    default: return sigmoid_rows<scalar_t, GammaKind::kGeneral>(p, begin, end);
-  }
+  const bool transformed = p.softcap != 0.0 || p.logit_offset != nullptr || p.logit_scale != 1.0;
+  return transformed ? rows_for_kind<scalar_t, true>(p, begin, end) : rows_for_kind<scalar_t, false>(p, begin, end);
 }
 
 }  // namespace
