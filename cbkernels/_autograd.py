@@ -35,10 +35,10 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
         args = (z, target if flat else target.reshape(-1), weight, scale, *spec.op_args())
         loss = _cpu_loss_op(*args) if tensors is NO_TENSORS else _cpu_loss_op(*args, **tensors.kwargs())
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
-    loss, z_rows = CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale,
-                                        tensors, return_z_loss)
     if not return_z_loss:
-        return loss
+        return CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale, tensors)
+    loss, z_rows = CBLossFunction.apply(logits, target, weight, backend.name, spec, bool(inplace_backward), scale,
+                                        tensors, True)
     if spec.reduction == "none":
         return loss, z_rows.reshape(logits.shape[:-1])
     if scale is None:
@@ -56,16 +56,17 @@ class CBLossFunction(torch.autograd.Function):
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, backend: str, spec: LossSpec,
                 inplace_backward: bool, scale: Optional[Tensor] = None, tensors: LogitTensors = NO_TENSORS,
                 return_z_loss: bool = False):
-        """``(loss, z_rows)``: ``z_rows`` ``[N]`` holds each row's z-loss term with ``return_z_loss`` (else it is
-        an empty tensor); not differentiable."""
+        """The loss, or with ``return_z_loss`` ``(loss, z_rows)``: ``z_rows`` ``[N]`` holds each row's z-loss term,
+        not differentiable (a second output only when asked for: it costs the call an allocation and autograd
+        bookkeeping)."""
         # One op call: it checks the targets, normalises, reduces and computes the gradient (_opdefs).
         loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
         z = logits.reshape(-1, logits.shape[-1])
         t = target.reshape(-1)
         want_grad = ctx.needs_input_grad[0]
-        z_rows = logits.new_empty((z.shape[0] if return_z_loss else 0,), dtype=loss_dtype(logits.dtype))
         if return_z_loss:
+            z_rows = logits.new_empty((z.shape[0],), dtype=loss_dtype(logits.dtype))
             tensors = tensors._replace(z_rows=z_rows)
         if want_grad and inplace_backward:
             loss = loss_fwd_inplace(z, t, weight, scale, spec, tensors)
@@ -77,12 +78,15 @@ class CBLossFunction(torch.autograd.Function):
         ctx.inplace_backward = bool(inplace_backward and want_grad)
         if want_grad:
             ctx.save_for_backward(grad)
+        loss = loss.reshape(lead_shape) if ctx.per_row else loss
+        if not return_z_loss:
+            return loss
         ctx.mark_non_differentiable(z_rows)
-        ctx.set_materialize_grads(False)  # no zeros made for z_rows' (never used) gradient: one op less per backward
-        return (loss.reshape(lead_shape) if ctx.per_row else loss), z_rows
+        ctx.set_materialize_grads(False)  # no zeros made for z_rows' (never used) gradient
+        return loss, z_rows
 
     @staticmethod
-    def backward(ctx, grad_output: Optional[Tensor], _grad_z_rows=None):
+    def backward(ctx, grad_output: Optional[Tensor], *_grad_z_rows):
         if grad_output is None:  # (only z_rows was used downstream; it has no gradient)
             return (None,) * 9
         (grad,) = ctx.saved_tensors

@@ -144,9 +144,10 @@ def focal_terms(z: Tensor, ty: Tensor, zy: Tensor, a: Tensor, scale: Tensor, gam
     return rows, g.mul_((a * scale).unsqueeze(1))
 
 
-def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensors) -> Tuple[Tensor, Optional[Tensor]]:
+def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensors):
     """The logit transforms of SPEC section 10 on a block of rows ``z`` (compute dtype, never written), in SPEC's
-    order: ``(z', dz'/dz)``, the factor None when it is 1 (and ``z'`` then ``z`` itself when nothing is on).
+    order: ``(z', dz'/dz)``, the factor a tensor (softcap), the float scale, or None when it is 1 (and ``z'`` then
+    ``z`` itself when nothing is on).
     ``ty`` ``[R, 1]``: the rows' target columns (the margin's)."""
     x, factor = z, None
     if spec.softcap != 0.0:
@@ -163,7 +164,7 @@ def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensor
         x.scatter_add_(1, ty, -tensors.target_margin.to(z.dtype)[ty])
     if spec.logit_scale != 1.0:
         x = x * spec.logit_scale
-        factor = torch.full_like(x, spec.logit_scale) if factor is None else factor.mul_(spec.logit_scale)
+        factor = spec.logit_scale if factor is None else factor.mul_(spec.logit_scale)
     return x, factor
 
 

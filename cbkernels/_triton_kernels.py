@@ -126,12 +126,12 @@ def _load_z(z_rows, cols, mask, CDT: tl.constexpr):
 
 
 @jit
-def _store_grad(g_rows, cols, g, dz, mask, HAS_SOFTCAP: tl.constexpr):
+def _store_grad(g_rows, cols, g, dz, valid, mask, HAS_SOFTCAP: tl.constexpr):
     """Every gradient element is stored here, rounded once to the gradient's dtype (after every cancelling
     difference was formed in the compute dtype), times the softcap's chain-rule factor ``dz`` (the scale's is in g's
     per-row coefficient)."""
     if HAS_SOFTCAP:
-        g = g * dz
+        g = tl.where(valid, g * dz, 0.0)  # an ignored row's g is 0, but its dz may be NaN (a NaN logit)
     tl.store(g_rows + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -330,9 +330,11 @@ def _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, kz, HAS_SMOOTH
         g = tl.where(is_t, eps - one_minus_p[:, None], p) - _div_rn(eps, n_cols.to(eps.dtype))
     else:
         g = tl.where(is_t, -one_minus_p[:, None], p)
-    g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
     if HAS_ZLOSS:
-        g += kz[:, None] * p  # kz is 0 on ignored rows
+        # Masked after the sum: an ignored row's p may be NaN (its logits are read too), and 0 * NaN is NaN.
+        g = tl.where(valid[:, None], coef[:, None] * g + kz[:, None] * p, 0.0)
+    else:
+        g = tl.where(valid[:, None], coef[:, None] * g, 0.0)
     return g
 
 
@@ -385,7 +387,7 @@ def _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, kz, v
                            HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
         p = _exp(z - shift[:, None]) * inv_s[:, None]
         g = _softmax_grad(p, is_t, coef, valid, eps, n_cols, one_minus_p, kz, HAS_SMOOTHING, HAS_ZLOSS)
-        _store_grad(g_rows[:, None], cc[None, :], g, dz, mask, HAS_SOFTCAP)
+        _store_grad(g_rows[:, None], cc[None, :], g, dz, valid[:, None], mask, HAS_SOFTCAP)
 
 
 @jit
@@ -407,7 +409,7 @@ def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_
         acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
         if HAS_GRAD:
             g = tl.where(valid[:, None], coef[:, None] * d, 0.0)
-            _store_grad(g_rows[:, None], cc[None, :], g, dz, mask, HAS_SOFTCAP)
+            _store_grad(g_rows[:, None], cc[None, :], g, dz, valid[:, None], mask, HAS_SOFTCAP)
     return acc
 
 
@@ -535,7 +537,7 @@ def cb_loss_kernel(
             if HAS_GRAD:
                 g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p, kz,
                                   HAS_SMOOTHING, HAS_ZLOSS)
-                _store_grad(g_rows[:, None], cols[None, :], g, dz, mask, HAS_SOFTCAP)
+                _store_grad(g_rows[:, None], cols[None, :], g, dz, valid[:, None], mask, HAS_SOFTCAP)
         else:
             m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING,
                                        HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)

@@ -52,6 +52,8 @@ def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_in
     if z_loss and one_vs_all:
         raise ValueError(f"z_loss applies to the softmax losses only (it penalises the softmax normaliser), got "
                          f"loss_type={loss_type!r}")
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"return_z_loss must be a bool, got {type(return_z_loss).__name__}")
     if return_z_loss and one_vs_all:
         raise ValueError(f"return_z_loss applies to the softmax losses only, got loss_type={loss_type!r}")
     return LossSpec(loss_type=LOSS_TYPES[loss_type], gamma=float(gamma), label_smoothing=float(label_smoothing),
@@ -62,8 +64,9 @@ def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_in
 
 def class_vector(name: str, v, num_classes: int, device: torch.device) -> Optional[Tensor]:
     """A ``[C]`` transform vector (``logit_offset``, ``target_margin``; SPEC section 10) as the kernels read it:
-    float32, contiguous, on the logits' device, no autograd history; None stays None. Non-finite entries raise
-    ``ValueError`` on the CPU; on a GPU they fail a device-side assert (no host sync)."""
+    float32 (any floating dtype is converted), contiguous, on the logits' device; None stays None. Non-finite
+    entries raise ``ValueError`` on the CPU; on a GPU they fail a device-side assert (no host sync). A vector that
+    requires grad is refused (the kernels give it no gradient) unless grad mode is off."""
     if v is None:
         return None
     if not isinstance(v, Tensor):
@@ -74,6 +77,9 @@ def class_vector(name: str, v, num_classes: int, device: torch.device) -> Option
         raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
     if v.device != device:
         raise ValueError(f"{name} is on {v.device} but logits are on {device}")
+    if v.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the fused kernels give no gradient for it (SPEC section 10: "
+                         f"the gradient is the logits'); pass {name}.detach() to use it as a constant")
     v = v.detach()
     if v.dtype != torch.float32:
         v = v.float()  # a float64 entry beyond float32's range becomes inf and is caught below

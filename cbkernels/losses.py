@@ -216,19 +216,22 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
                      self._spec_key[9])
 
     def _checked_vectors(self, offset, margin, logits: Tensor):
-        """The buffers as the kernels read them, checked again only after they changed (an in-place write bumps a
-        tensor's version; a new tensor has a new identity): on a GPU the finiteness check is a launch per call."""
-        # The cache holds the checked tensors, which share the buffers' storage: a replaced buffer cannot reuse that
-        # data_ptr while the entry lives, even if it reuses the id.
-        key = tuple((id(v), v.data_ptr(), v._version, v.device) if v is not None else None for v in (offset, margin))
-        key += (logits.shape[-1], logits.device)
-        cached = getattr(self, "_vectors_cache", None)
-        if torch.compiler.is_compiling() or cached is None or cached[0] != key:
+        """The buffers as the kernels read them, checked again only after they changed: on a GPU the finiteness
+        check is a launch per call. The cache holds the buffers themselves (compared by identity, so a replaced one
+        is never mistaken for the old) and their version counters (bumped by every in-place write); inference
+        tensors have none and are checked on every call."""
+        if torch.compiler.is_compiling():
+            return V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
+        try:
+            versions = tuple(None if v is None else v._version for v in (offset, margin))
+        except RuntimeError:  # an inference tensor: no version counter
+            return V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
+        key = (versions, logits.shape[-1], logits.device)
+        cached = self.__dict__.get("_vectors_cache")
+        if cached is None or cached[0] is not offset or cached[1] is not margin or cached[2] != key:
             tensors = V.logit_tensors(offset, margin, logits.shape[-1], logits.device)
-            if torch.compiler.is_compiling():
-                return tensors
-            self._vectors_cache = cached = (key, tensors)
-        return cached[1]
+            self.__dict__["_vectors_cache"] = cached = (offset, margin, key, tensors)
+        return cached[3]
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("softcap", getattr(self, "softcap", None)),

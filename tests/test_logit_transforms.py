@@ -410,3 +410,90 @@ def test_softcap_factor_has_full_relative_precision(backend, loss_type):
     zr = logits.double().requires_grad_(True)
     reference_loss(zr, target, loss_type=loss_type, softcap=4.0, reduction="sum").backward()
     torch.testing.assert_close(z.grad.double(), zr.grad, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", SOFTMAX_LOSSES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_positive_margin_times_scale_beyond_exp_range(backend, loss_type, eps):
+    # s m_y = 90: a confident target whose raw logit is the row max by far. A row max taken without the margin sits
+    # s m_y above every z' and flushes every exp to 0 (NaN gradients); it must be the max of the z' themselves.
+    logits = torch.tensor([[10.0, 0.0, 0.0, 1.0], [0.0, 0.5, 9.0, -3.0]])
+    target = torch.tensor([0, 2])
+    margin = torch.tensor([3.0, 0.0, 3.0, 0.0])
+    kw = dict(label_smoothing=eps) if loss_type == "softmax" else {}
+    opts = dict(target_margin=margin, logit_scale=30.0, z_loss=1e-3)
+    loss, grad = run_loss(_fn(loss_type, backend, None, opts, **kw), logits, target, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_matches(loss, grad, logits, target, None, **_ref_kw(loss_type, "none", opts, **kw))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_ignored_rows_with_nonfinite_logits_get_zero_gradient(backend, loss_type):
+    # Ignored rows are read too: a NaN, +inf or all -inf row there must still give loss 0, gradient 0, z term 0.
+    logits = torch.randn(4, 6)
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("inf")
+    target = torch.tensor([1, -100, -100, -100])
+    opts = _options("all", loss_type, 6)
+    z = logits.clone().requires_grad_(True)
+    if loss_type in SOFTMAX_LOSSES:
+        loss, z_term = cb.class_balanced_loss(z, target, loss_type=loss_type, backend=backend, reduction="none",
+                                              return_z_loss=True, **opts)
+        assert torch.equal(z_term[1:], torch.zeros(3))
+    else:
+        loss = cb.class_balanced_loss(z, target, loss_type=loss_type, backend=backend, reduction="none", **opts)
+    loss.sum().backward()
+    assert torch.equal(loss[1:].detach(), torch.zeros(3)) and torch.isfinite(loss[0])
+    assert torch.equal(z.grad[1:], torch.zeros(3, 6)) and torch.isfinite(z.grad[0]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean"])
+def test_return_z_loss_follows_the_normalizer(backend, reduction):
+    logits, target, counts = make_inputs(30, 50, seed=18)
+    w = cb.class_balanced_weights(counts, beta=0.99)
+    normalizer = 7 if reduction == "mean" else None
+    loss, z_term = cb.cb_softmax_cross_entropy(logits, target, weight=w, backend=backend, reduction=reduction,
+                                               z_loss=1e-2, return_z_loss=True, normalizer=normalizer)
+    _, z_rows = cb.cb_softmax_cross_entropy(logits, target, weight=w, backend=backend, reduction="none",
+                                            z_loss=1e-2, return_z_loss=True)
+    valid = target != -100
+    denom = 7.0 if reduction == "mean" else w[target[valid]].double().sum()
+    torch.testing.assert_close(z_term.double(), z_rows.double().sum() / denom, rtol=1e-6, atol=0)
+    plain = cb.cb_softmax_cross_entropy(logits, target, weight=w, backend=backend, reduction=reduction,
+                                        normalizer=normalizer)
+    torch.testing.assert_close(loss.double() - z_term.double(), plain.double(), rtol=1e-5, atol=1e-7)
+    zero = cb.cb_softmax_cross_entropy(logits, target, weight=w, backend=backend, return_z_loss=True)[1]
+    assert zero.item() == 0.0
+
+
+def test_vectors_requiring_grad_are_refused():
+    z, t = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    offset = torch.zeros(5, requires_grad=True)
+    with pytest.raises(ValueError, match="logit_offset requires grad"):
+        cb.class_balanced_loss(z, t, loss_type="softmax", logit_offset=offset)
+    with torch.no_grad():  # no gradient wanted: fine
+        cb.class_balanced_loss(z, t, loss_type="softmax", logit_offset=offset)
+    cb.class_balanced_loss(z, t, loss_type="softmax", logit_offset=offset.detach())
+
+
+def test_module_vectors_made_in_inference_mode_and_after_a_dtype_cast():
+    counts = [50, 20, 5]
+    with torch.inference_mode():
+        offset = cb.logit_adjustment(counts)
+    crit = cb.ClassBalancedLoss(counts, loss_type="softmax", logit_offset=offset)
+    z, t = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    ref = reference_loss(z.double(), t, crit.weight.double(), loss_type="softmax", reduction="mean",
+                         logit_offset=offset)
+    for _ in range(2):  # inference tensors have no version counter: checked on every call, no error
+        torch.testing.assert_close(crit(z, t).double(), ref, rtol=1e-5, atol=1e-6)
+    crit = cb.ClassBalancedLoss(counts, loss_type="softmax", logit_offset=torch.zeros(3))
+    crit(z, t)
+    crit.double()  # the buffers become float64 copies; then a new buffer of the same size replaces one
+    crit.logit_offset = torch.tensor([0.0, 2.0, -2.0], dtype=torch.float64)
+    ref = reference_loss(z.double(), t, crit.weight.double(), loss_type="softmax", reduction="mean",
+                         logit_offset=torch.tensor([0.0, 2.0, -2.0]))
+    torch.testing.assert_close(crit(z, t).double(), ref, rtol=1e-5, atol=1e-6)

@@ -160,13 +160,14 @@ def test_refuses_models_that_transform_their_logits():
     model.config.output_logit_scale = 2.0
     with pytest.raises(ValueError, match="output_logit_scale"):
         apply_class_balanced_loss(model)
-    model = _llama()
+    model = _llama()  # a softcap attribute on a model type whose forward is not known to apply it
     model.config.final_logit_softcapping = 30.0
-    model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_class_balanced_loss(model)
-    with pytest.raises(ValueError, match="lm_head has V = 96"):
-        apply_class_balanced_loss(_llama(), torch.ones(10))
+    model = _gemma2()
+    model.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match="final_logit_softcapping must be a number > 0"):
+        apply_class_balanced_loss(model)
 
 
 class _Tokens(torch.utils.data.Dataset):

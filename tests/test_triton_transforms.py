@@ -268,3 +268,45 @@ def test_tanh_sech2_accuracy(dtype):
     assert t[xd.isnan()].isnan().all() and d[xd.isnan()].isnan().all()
     nonzero = finite & (xd != 0)
     assert torch.equal(t[nonzero].signbit(), x[nonzero].signbit())
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_ignored_rows_with_nonfinite_logits_get_zero_gradient(monkeypatch, loss_type, path):
+    # The kernels read ignored rows too: a NaN, +inf or all -inf row there must still give loss 0 and gradient 0
+    # with a softcap (whose factor is NaN there) and a z-loss (whose p is NaN there).
+    set_path(monkeypatch, path)
+    n, c = SHAPES[path]
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(n, c, generator=g)
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("inf")
+    target = torch.randint(0, c, (n,), generator=g)
+    target[1:4] = -100
+    z = logits.clone().requires_grad_(True)
+    kw = transform_kw("all", c, loss_type)
+    loss = cb.class_balanced_loss(z, target, loss_type=loss_type, backend="triton", reduction="none", **kw)
+    loss.sum().backward()
+    assert torch.equal(loss[1:4].detach(), torch.zeros(3))
+    assert torch.equal(z.grad[1:4], torch.zeros(3, c))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[1:4] = False
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(z.grad[keep]).all()
+
+
+@pytest.mark.parametrize("loss_type", SOFTMAX_LOSSES)
+@pytest.mark.parametrize("path", PATHS)
+def test_positive_margin_times_scale_beyond_exp_range(monkeypatch, loss_type, path):
+    set_path(monkeypatch, path)
+    n, c = SHAPES[path]
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(n, c, generator=g)
+    target = torch.randint(0, c, (n,), generator=g)
+    logits[torch.arange(n), target] = 10.0  # confident targets, the row max by far
+    margin = torch.full((c,), 3.0)
+    kw = dict(target_margin=margin, logit_scale=30.0, z_loss=1e-3)
+    loss, grad = run_loss(lambda z, t, **k: cb.class_balanced_loss(z, t, loss_type=loss_type, backend="triton",
+                                                                    **kw, **k), logits, target, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_matches(loss, grad, logits, target, None, loss_type=loss_type, gamma=0.5, reduction="none", **kw)

@@ -17,9 +17,10 @@ forward unchanged. ``remove_class_balanced_loss(model)`` restores the original f
 Works with any ``*ForCausalLM`` whose ``base_model`` returns the last hidden state first and whose
 ``get_output_embeddings()`` is the ``lm_head`` linear layer (Llama, Qwen2, Mistral, GPT-2, Gemma 2, ...). Models
 that transform the logits after ``lm_head`` get the same transform inside the fused kernels (SPEC section 10):
-Gemma 2's ``config.final_logit_softcapping`` becomes ``softcap``, Cohere's ``config.logit_scale`` and Granite's
-``1 / config.logits_scaling`` become ``logit_scale``; a model with both a softcap and a scale, or another post-head
-transform (``output_logit_scale``), is refused with a clear error rather than trained on a different loss. Needs
+Gemma 2/3's ``config.final_logit_softcapping`` becomes ``softcap``, Cohere's ``config.logit_scale`` and Granite's
+``1 / config.logits_scaling`` become ``logit_scale`` (for those model types only); such an attribute on another
+model type, a model with both, or another post-head transform (``output_logit_scale``) is refused with a clear
+error rather than trained on a different loss. Needs
 ``transformers`` (the ``hf`` extra); importing ``cbkernels`` never imports it.
 """
 
@@ -96,34 +97,40 @@ def apply_class_balanced_loss(model: nn.Module, samples_per_class=None, *, loss_
     return crit
 
 
+# The model types whose forward applies a config attribute to the logits after lm_head, and how (transformers'
+# modeling files): a config attribute on another model type is not known to be applied, so it is refused.
+_POST_HEAD = {
+    "final_logit_softcapping": ("softcap", {"gemma2", "gemma3", "gemma3_text"}),  # cap * tanh(logits / cap)
+    "logit_scale": ("logit_scale", {"cohere", "cohere2"}),  # logits * logit_scale
+    "logits_scaling": ("logit_scale", {"granite", "granitemoe", "granitemoeshared", "granitemoehybrid"}),  # / scaling
+}
+
+
 def _logit_transforms(model: nn.Module) -> dict:
     """The model's post-``lm_head`` logit transform as ``linear_cb_loss`` options, or a ValueError."""
     config = getattr(model, "config", None)
-
-    def value(attr: str, identity: float):
-        v = getattr(config, attr, None)
-        return None if v is None or (isinstance(v, (int, float)) and v in (0, identity)) else v
-
-    softcap = value("final_logit_softcapping", 0.0)  # Gemma 2: cap * tanh(logits / cap)
-    scale = value("logit_scale", 1.0)  # Cohere: logits * logit_scale
-    divisor = value("logits_scaling", 1.0)  # Granite: logits / logits_scaling
-    other = value("output_logit_scale", 1.0)
+    model_type = getattr(config, "model_type", None)
     name = type(model).__name__
-    if other is not None:
+    out = {}
+    for attr, (option, model_types) in _POST_HEAD.items():
+        v = getattr(config, attr, None)
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == (0.0 if option == "softcap"
+                                                                                           else 1.0)):
+            continue
+        if model_type not in model_types:
+            raise ValueError(f"{name} (model_type {model_type!r}) has config.{attr}={v!r}, which cbkernels only knows "
+                             f"how to apply for {sorted(model_types)}; it would train a different loss than the "
+                             "model's own")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"{name}: config.{attr} must be a number > 0, got {v!r}")
+        out[option] = float(v) if attr != "logits_scaling" else 1.0 / float(v)
+    other = getattr(config, "output_logit_scale", None)
+    if other not in (None, 1, 1.0):
         raise ValueError(f"{name} transforms its logits after lm_head (config.output_logit_scale={other}), which "
                          "the fused loss does not reproduce; it would train a different loss")
-    if scale is not None and divisor is not None:
-        raise ValueError(f"{name} has both config.logit_scale and config.logits_scaling")
-    if divisor is not None:
-        scale = 1.0 / float(divisor)
-    if softcap is not None and scale is not None:
-        raise ValueError(f"{name} both softcaps (config.final_logit_softcapping={softcap}) and scales its logits; "
-                         "their order after lm_head is model-specific, so the fused loss refuses rather than guess")
-    out = {}
-    if softcap is not None:
-        out["softcap"] = float(softcap)
-    if scale is not None:
-        out["logit_scale"] = float(scale)
+    if "softcap" in out and "logit_scale" in out:
+        raise ValueError(f"{name} both softcaps (config.final_logit_softcapping) and scales its logits; their order "
+                         "after lm_head is model-specific, so the fused loss refuses rather than guess")
     return out
 
 

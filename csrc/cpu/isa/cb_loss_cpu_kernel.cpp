@@ -174,9 +174,10 @@ CB_HOST_DEVICE void for_row_chunks(const scalar_t* /*row*/, int64_t C, const F& 
 
 // Drops the target's lane from a piece's contribution (its term is computed apart, in scalar code).
 template <typename T>
-CB_HOST_DEVICE Vectorized<T> drop_target(const Vectorized<T>& v, int64_t j, int64_t n, int64_t y) {
+CB_HOST_DEVICE Vectorized<T> drop_target(const Vectorized<T>& v, int64_t j, int64_t n, int64_t y,
+                                         const Vectorized<T>& value = Vectorized<T>(0)) {
   if (y < j || y >= j + n) return v;
-  return Vectorized<T>::blendv(v, Vectorized<T>(0), Vectorized<T>::arange(0, 1) == Vectorized<T>(T(y - j)));
+  return Vectorized<T>::blendv(v, value, Vectorized<T>::arange(0, 1) == Vectorized<T>(T(y - j)));
 }
 
 // n <= W floats of a [C] float32 vector (the transforms' offsets) in the compute type T.
@@ -387,7 +388,7 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
   const int64_t C = p.num_classes;
   const TransformBuffers<T> buffers(p, true);
   const RowTransform<T> tf = buffers.view();
-  const bool transformed = kTf && tf.on(), capped = kTf && tf.cap;
+  const bool transformed = kTf && tf.on(), capped = kTf && tf.cap, margined = kTf && tf.s.margin != nullptr;
   const SoftmaxEpilogue<ExpShift::kExact, T> epilogue(p, gamma_kind(p.gamma), load_scale<T>(p) * tf.grad_scale());
   const bool smoothing = epilogue.smoothing();
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
@@ -407,15 +408,17 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
     Vec vmax = neg_inf;
     for_row_chunks<T>(z, C, [&](int64_t j, int64_t n) {
-      const Vec x = transformed ? tf.logit(load(z + j, n), j, n) : load(z + j, n);
+      Vec x = transformed ? tf.logit(load(z + j, n), j, n) : load(z + j, n);
+      // The lanes have no margin: the target's is left out of the max and z'_y (margined) joins it below. A max
+      // above every z' by s m_y would flush every exp to 0 (s m_y > 87: NaN gradients), one below would overflow.
+      if (margined) x = drop_target(x, j, n, y, neg_inf);
       // A NaN may or may not survive this max; either way it reaches the row's sum through its exp.
       vmax = at::vec::clamp_min(n == Vec::size() ? x : Vec::set(neg_inf, x, n), vmax);
     });
     T m = hmax(vmax);
     const T zy_raw = static_cast<T>(z[y]);
     const T zy = tf.target_on() ? tf.s.logit(zy_raw, y, true) : zy_raw;
-    // The target's lane above had no margin: a negative margin can lift z'_y above every lane.
-    if (tf.s.margin != nullptr && zy > m) m = zy;
+    if (margined && zy > m) m = zy;
 
     T* e = nullptr;
     if constexpr (kExpsInGrad) {
@@ -437,7 +440,7 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 
     T dist_sum = smoothing ? hsum(dist) : T(0);
     // The target's lane entered dist without its margin: m - z'_y = (m - lane) + (lane - z'_y).
-    if (smoothing && tf.s.margin != nullptr) dist_sum += tf.s.logit(zy_raw, y, false) - zy;
+    if (smoothing && margined) dist_sum += tf.s.logit(zy_raw, y, false) - zy;
     const SoftmaxRowStats<T> st{m, zy, ey, hsum(s_other), dist_sum, T(0)};
     const SoftmaxRowOut<T> out = epilogue(st, t.weight<T>(p));
     static_cast<T*>(p.loss)[i] = out.loss;
@@ -467,7 +470,8 @@ void rows_for_kind(const CBLossParams& p, int64_t begin, int64_t end) {
 
 template <typename scalar_t>
 void rows_for_dtype(const CBLossParams& p, int64_t begin, int64_t end) {
-  const bool transformed = p.softcap != 0.0 || p.logit_offset != nullptr || p.logit_scale != 1.0;
+  const bool transformed =
+      p.softcap != 0.0 || p.logit_offset != nullptr || p.logit_scale != 1.0 || p.target_margin != nullptr;
   return transformed ? rows_for_kind<scalar_t, true>(p, begin, end) : rows_for_kind<scalar_t, false>(p, begin, end);
 }
 
