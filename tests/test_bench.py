@@ -146,12 +146,12 @@ def test_import_needs_no_matplotlib_or_triton():
 def test_transform_providers(tmp_path):
     # naive+tf and cb:<backend>+tf: all four transforms and the z-loss; +tf speed-ups are against naive+tf.
     with contextlib.redirect_stdout(io.StringIO()):
-        result = bench.main(["--quick", "--shapes", "8x50", "--losses", "softmax,focal", "--providers",
-                             "naive,naive+tf,cb:torch,cb:torch+tf", "--out", str(tmp_path), "--name", "tf",
-                             "--no-progress", "--no-plot", "--no-memory"])
+        result = bench.main(["--quick", "--shapes", "8x50", "--losses", "focal", "--providers",
+                             "naive+tf,cb:torch+tf", "--out", str(tmp_path), "--name", "tf",
+                             "--no-progress", "--no-plot", "--no-memory", "--max-reps", "2"])
     rows = {(r["loss"], r["provider"]): r for r in result["rows"]}
-    assert len(rows) == 8 and all(r["error"] is None for r in rows.values()), [r["error"] for r in rows.values()]
-    for loss in ("softmax", "focal"):
+    assert len(rows) == 2 and all(r["error"] is None for r in rows.values()), [r["error"] for r in rows.values()]
+    for loss in ("focal",):
         tf_base = rows[(loss, "naive+tf")]["median_ms"]
         ours = rows[(loss, "cb:torch+tf")]
         assert ours["speedup"] == pytest.approx(tf_base / ours["median_ms"])

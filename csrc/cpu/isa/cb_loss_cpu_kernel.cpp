@@ -459,6 +459,14 @@ CB_FLATTEN void softmax_rows(const CBLossParams& p, int64_t begin, int64_t end) 
 template <typename scalar_t, bool kTf>
 void rows_for_kind(const CBLossParams& p, int64_t begin, int64_t end) {
   if (p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal) return softmax_rows<scalar_t, kTf>(p, begin, end);
+  if constexpr (kTf) {
+    // With transforms the focal exponents share the general form (one exp more per element, equal within rounding):
+    // three more instantiations per dtype and ISA instead of six keep the build (first use, CI) short.
+    if (p.loss_type == kSigmoid || gamma_kind(p.gamma) == GammaKind::kZero) {
+      return sigmoid_rows<scalar_t, GammaKind::kZero, kTf>(p, begin, end);
+    }
+    return sigmoid_rows<scalar_t, GammaKind::kGeneral, kTf>(p, begin, end);
+  }
   switch (p.loss_type == kSigmoid ? GammaKind::kZero : gamma_kind(p.gamma)) {
     case GammaKind::kZero: return sigmoid_rows<scalar_t, GammaKind::kZero, kTf>(p, begin, end);
     case GammaKind::kHalf: return sigmoid_rows<scalar_t, GammaKind::kHalf, kTf>(p, begin, end);
