@@ -69,14 +69,7 @@ def class_vector(name: str, v, num_classes: int, device: torch.device) -> Option
     requires grad is refused (the kernels give it no gradient) unless grad mode is off."""
     if v is None:
         return None
-    if not isinstance(v, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
-    if v.dim() != 1 or v.shape[0] != num_classes:
-        raise ValueError(f"{name} must have shape [C] = [{num_classes}], got {tuple(v.shape)}")
-    if not v.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
-    if v.device != device:
-        raise ValueError(f"{name} is on {v.device} but logits are on {device}")
+    _check_class_tensor(name, v, num_classes, device, "a torch.Tensor or None")
     if v.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but the fused kernels give no gradient for it (SPEC section 10: "
                          f"the gradient is the logits'); pass {name}.detach() to use it as a constant")
@@ -177,17 +170,22 @@ def check_inplace(logits: Tensor) -> None:
         reach = stride * size
 
 
+def _check_class_tensor(name: str, v, num_classes: int, device: torch.device, what: str = "a torch.Tensor") -> None:
+    """A per-class ``[C]`` floating tensor on the logits' device (the weight, the transform vectors)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != num_classes:
+        raise ValueError(f"{name} must have shape [C] = [{num_classes}], got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but logits are on {device}")
+
+
 def given_weight(weight: Tensor, num_classes: int, device: torch.device) -> Tensor:
     """A precomputed ``[C]`` weight, checked and as the kernels read it (float32, no autograd history): the tensor
     itself when it already is (no op dispatched)."""
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 1 or weight.shape[0] != num_classes:
-        raise ValueError(f"weight must have shape [C] = [{num_classes}], got {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
-    if weight.device != device:
-        raise ValueError(f"weight is on {weight.device} but logits are on {device}")
+    _check_class_tensor("weight", weight, num_classes, device)
     if weight.requires_grad:
         weight = weight.detach()
     return weight if weight.dtype == torch.float32 else weight.float()

@@ -335,8 +335,6 @@ struct LogitTransform {
     return tf;
   }
   CB_HOST_DEVICE bool softcap() const { return cap != T(0); }
-  // Whether dl/dz differs from dl/dz' by more than the constant s (the softcap's per-element factor).
-  CB_HOST_DEVICE bool per_element_grad() const { return cap != T(0); }
 
   // z' of column col; is_target: the row's target column (the margin applies there only).
   CB_HOST_DEVICE T logit(T z, int64_t col, bool is_target) const {
@@ -346,11 +344,8 @@ struct LogitTransform {
     if (is_target && margin != nullptr) x -= static_cast<T>(margin[col]);
     return x * scale;
   }
-  // dl/dz from dl/dz' = g and the raw logit z.
-  CB_HOST_DEVICE T grad(T g, T z) const {
-    if (cap != T(0)) g *= tanh_sech2(z * inv_cap).sech2;
-    return g * scale;
-  }
+  // (The chain rule dl/dz = s sech^2(z / c) dl/dz' is each kernel's: the CPU and CUDA rows fold s into their per-row
+  // coefficients and keep sech^2 from the logit read, so no shared grad() would serve them.)
 };
 
 }  // namespace cbkernels
