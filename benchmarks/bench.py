@@ -14,6 +14,11 @@
 - ``naive+tf`` and ``cb:<backend>+tf``: the same with all four logit transforms of SPEC section 10 and the z-loss
   (softmax losses) on (``TRANSFORMS``): naive+tf transforms the logits with PyTorch ops, then calls the naive loss
   and adds the z-loss; a ``+tf`` provider's speed-up is against ``naive+tf``. In the default providers.
+- ``naive+soft`` and ``cb:<backend>+soft``: dense mixup targets (SPEC section 9: each row ``lam onehot(y) +
+  (1 - lam) onehot(y')``, the batch mixed with its reverse, timm's pairing) in the default ``weight_mode="sample"``.
+  naive+soft is what users write today (``soft_target_loss``: timm's ``SoftTargetCrossEntropy`` form, BCE with
+  dense targets, torchvision's soft focal loss, times the row weight); a ``+soft`` provider's speed-up is against
+  ``naive+soft``. In the default providers.
 
 Results: a table on stdout, and ``<stem>.json`` / ``.md`` / ``.png`` under ``--out`` (``benchmarks/report.py``
 writes them). Importing this module needs neither matplotlib nor triton (both load lazily, only when used).
@@ -52,8 +57,10 @@ SHAPES: Dict[str, Tuple[int, int]] = {
 }
 QUICK_SHAPES: Dict[str, Tuple[int, int]] = {"small": (128, 1000)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy", "naive+tf")
+FIXED_PROVIDERS = ("naive", "naive+compile", "F.cross_entropy", "naive+tf", "naive+soft")
 TF_BASELINE = "naive+tf"
+SOFT_BASELINE = "naive+soft"
+VARIANTS = ("tf", "soft")  # cb:<backend>+<variant> providers in the defaults (+inplace only when named)
 # The "+tf" providers' options: Gemma-2's softcap, logit adjustment (tau 1), LDAM's margins, a scale and PaLM's z-loss.
 SOFTCAP, LOGIT_SCALE, Z_LOSS = 30.0, 2.0, 1e-4
 
@@ -64,6 +71,35 @@ def transform_vectors(classes: int, device) -> Tuple[Tensor, Tensor]:
 
     counts = harness.long_tailed_counts(classes)
     return cbkernels.logit_adjustment(counts).to(device), cbkernels.ldam_margins(counts).to(device)
+
+
+def mixup_targets(target: Tensor, classes: int, dtype=torch.float32) -> Tensor:
+    """The +soft providers' dense targets: the batch mixed with its reverse (timm's ``Mixup`` pairing), one
+    ``lam`` per row (fixed seed), in ``dtype`` on the targets' device."""
+    g = torch.Generator().manual_seed(1)
+    lam = torch.rand(target.shape[0], 1, generator=g).to(target.device)
+    eye = F.one_hot(target, classes).float()
+    return (lam * eye + (1 - lam) * eye.flip(0)).to(dtype)
+
+
+def soft_target_loss(x: Tensor, q: Tensor, w: Tensor, *, loss_type: str, gamma: float) -> Tensor:
+    """What users write today for dense targets, times the paper's row weight ``a_i = q_i . w / sum_j q_ij``: timm's
+    ``SoftTargetCrossEntropy`` (``sum -q log_softmax``), BCE-with-logits with dense targets, torchvision's
+    ``sigmoid_focal_loss`` formula, and ``sum q (1 - p)^gamma (-log p)`` for softmax focal; mean over rows."""
+    a = (q.float() @ w) / q.float().sum(1)
+    if loss_type == "softmax":
+        per = torch.sum(-q * F.log_softmax(x, dim=-1), dim=-1)
+    elif loss_type == "softmax_focal":
+        logp = F.log_softmax(x, dim=-1)
+        per = torch.sum(q * (1 - logp.exp()) ** gamma * -logp, dim=-1)
+    else:
+        ce = F.binary_cross_entropy_with_logits(x, q, reduction="none")
+        if loss_type == "focal":
+            p = torch.sigmoid(x)
+            p_t = p * q + (1 - p) * (1 - q)
+            ce = ce * ((1 - p_t) ** gamma)
+        per = ce.sum(-1)
+    return (a.to(per.dtype) * per).mean()
 
 
 def naive_transformed_loss(x: Tensor, t: Tensor, w: Tensor, offset: Tensor, margin: Tensor, *, loss_type: str,
@@ -184,7 +220,11 @@ def cb_provider_names(device: str, *, explicit: Sequence[str] = ()) -> Tuple[Lis
 
 def default_providers(device: str) -> List[str]:
     cb_names = cb_provider_names(device)[0]
-    return list(FIXED_PROVIDERS) + cb_names + [n + "+tf" for n in cb_names]
+    return list(FIXED_PROVIDERS) + cb_names + _variants(cb_names)
+
+
+def _variants(cb_names: Sequence[str]) -> List[str]:
+    return [f"{n}+{v}" for v in VARIANTS for n in cb_names]
 
 
 def applies(provider: str, loss: str) -> bool:
@@ -213,6 +253,9 @@ def make_provider(name: str, case: Case) -> Provider:
         offset, margin = transform_vectors(case.classes, case.logits.device)
         return Provider(name, lambda x: naive_transformed_loss(x, t, w, offset, margin, loss_type=lt, gamma=g),
                         (t, w, offset, margin))
+    if name == SOFT_BASELINE:
+        q = mixup_targets(t, case.classes, case.logits.dtype)
+        return Provider(name, lambda x: soft_target_loss(x, q, w, loss_type=lt, gamma=g), (t, w, q))
     if name == "F.cross_entropy":
         if lt != "softmax":
             raise ValueError("F.cross_entropy only applies to the softmax loss")
@@ -223,8 +266,8 @@ def make_provider(name: str, case: Case) -> Provider:
         from cbkernels._backends import resolve_backend
 
         backend, _, variant = name[3:].partition("+")
-        if variant not in ("", "inplace", "tf"):
-            raise ValueError(f"unknown provider {name!r}: the variants are cb:<backend>+inplace and +tf")
+        if variant not in ("", "inplace") + VARIANTS:
+            raise ValueError(f"unknown provider {name!r}: the variants are cb:<backend>+inplace, +tf and +soft")
         resolve_backend(backend, case.logits.device)  # a clear error when it cannot run here
         # +inplace: inplace_backward=True, the gradient written over the logits (which the steps then keep
         # overwriting: fine for timing and memory, the values stay finite).
@@ -238,6 +281,9 @@ def make_provider(name: str, case: Case) -> Provider:
         module = cbkernels.ClassBalancedLoss([1] * case.classes, loss_type=lt, gamma=g, backend=backend,
                                              inplace_backward=inplace, **tf).to(w.device)
         module.weight = w
+        if variant == "soft":
+            q = mixup_targets(t, case.classes, case.logits.dtype)
+            return Provider(name, lambda x: module(x, q), (t, w, q))
         return Provider(name, lambda x: module(x, t), (t, w))
     raise ValueError(f"unknown provider {name!r}")
 
@@ -383,8 +429,9 @@ def run_case(case: Case, provider_names: Sequence[str], opts: Options,
             _add_note(row, f"{recompiled} graph(s) compiled during the timed rounds")
     base = rows.get(BASELINE, {}).get("median_ms")
     tf_base = rows.get(TF_BASELINE, {}).get("median_ms")
+    soft_base = rows.get(SOFT_BASELINE, {}).get("median_ms")
     for name, row in rows.items():
-        b = tf_base if name.endswith("+tf") else base
+        b = tf_base if name.endswith("+tf") else soft_base if name.endswith("+soft") else base
         if b and row.get("median_ms"):
             row["speedup"] = b / row["median_ms"]
     return list(rows.values())
@@ -447,6 +494,7 @@ providers:
   cb               all cb:<backend>
   cb:<backend>+inplace  the same with inplace_backward=True (only when named)
   naive+tf, cb:<backend>+tf  all four logit transforms and the z-loss on; +tf speed-ups are against naive+tf
+  naive+soft, cb:<backend>+soft  dense mixup targets; +soft speed-ups are against naive+soft
   on this machine's CPU: {here}
 shapes: {shapes}, or any BxC.
 memory: kept = bytes held from forward to backward (CPU: allocator records from torch.profiler;
@@ -491,15 +539,15 @@ def _select_providers(requested: Optional[List[str]], device: str, quick: bool) 
             # rest of a quick pass together.
             notes.append("--quick leaves out naive+compile; name it in --providers to include it")
             fixed = [p for p in FIXED_PROVIDERS if p != "naive+compile"]
-            return fixed + cb_names + [n + "+tf" for n in cb_names], notes
-        return list(FIXED_PROVIDERS) + cb_names + [n + "+tf" for n in cb_names], notes
+            return fixed + cb_names + _variants(cb_names), notes
+        return list(FIXED_PROVIDERS) + cb_names + _variants(cb_names), notes
     out: List[str] = []
     for name in requested:
         if name == "cb":
             out += cb_names
         elif name in FIXED_PROVIDERS or name in cb_names:
             out.append(name)
-        elif name.partition("+")[2] in ("inplace", "tf") and name.partition("+")[0] in cb_names:
+        elif name.partition("+")[2] in ("inplace",) + VARIANTS and name.partition("+")[0] in cb_names:
             out.append(name)
         elif name.startswith("cb:"):
             from cbkernels import available_backends

@@ -17,6 +17,8 @@ once per loss and dtype). Providers:
 - ``compile``: ``torch.compile`` of the same function;
 - ``triton+tf`` / ``cuda+tf`` / ``eager+tf``: the same with all four logit transforms and the z-loss on (SPEC
   sections 10-11; the options of ``benchmarks.bench``'s ``+tf`` providers).
+- ``triton+soft`` / ``cuda+soft`` / ``eager+soft``: dense mixup targets (SPEC section 9; ``benchmarks.bench``'s
+  ``+soft`` providers and their naive baseline).
 
 Effective bandwidth = (logits read + gradient written) / time, also as a fraction of a device-to-device copy
 measured in the same run. Below 2^20 logits (the CIFAR shapes) each provider's kernel launches per step are
@@ -102,6 +104,16 @@ def make_step(provider: str, loss_type: str, logits, target, weight, compiled: d
                 return naive_transformed_loss(z, target, weight, offset, margin, loss_type=loss_type, gamma=GAMMA)
             return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
                                           backend=base, **tf)
+    elif provider.endswith("+soft"):
+        from benchmarks.bench import mixup_targets, soft_target_loss
+
+        q = mixup_targets(target, logits.shape[1], logits.dtype)
+        base = provider[: -len("+soft")]
+
+        def fn(z):
+            if base == "eager":
+                return soft_target_loss(z, q, weight, loss_type=loss_type, gamma=GAMMA)
+            return cb.class_balanced_loss(z, q, weight=weight, loss_type=loss_type, gamma=GAMMA, backend=base)
     elif provider in ("triton", "cuda"):
         def fn(z):
             return cb.class_balanced_loss(z, target, weight=weight, loss_type=loss_type, gamma=GAMMA,
@@ -230,6 +242,12 @@ def format_row(row, providers) -> str:
             base = row.get(base_name)
             if base and "ms" in base:
                 cells.append(f"{name} vs {base_name} {base['ms'] / ours['ms']:5.1f}x")
+    for variant in ("+tf", "+soft"):  # each variant against its own eager baseline
+        base = row.get("eager" + variant)
+        for name in ("triton" + variant, "cuda" + variant):
+            ours = row.get(name)
+            if base and "ms" in base and ours and "ms" in ours:
+                cells.append(f"{name} vs eager{variant} {base['ms'] / ours['ms']:5.1f}x")
     return " | ".join(cells)
 
 
@@ -255,6 +273,7 @@ def main(argv=None) -> int:
         args.providers = ["triton", "triton-kernel"] + (["cuda", "cuda-kernel"] if has_cuda_backend else [])
         args.providers += ["F.cross_entropy", "liger", "eager", "compile", "triton+tf"]
         args.providers += (["cuda+tf"] if has_cuda_backend else []) + ["eager+tf"]
+        args.providers += ["triton+soft"] + (["cuda+soft"] if has_cuda_backend else []) + ["eager+soft"]
     cases = CASES if args.cases is None else [tuple(int(x) for x in case.split("x")) for case in args.cases]
     result = run(args.losses, args.budget, args.providers, cases, args.dtypes, args.device)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", result["meta"]["gpu"]).strip("-").lower()

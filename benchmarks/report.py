@@ -130,7 +130,8 @@ def format_markdown(result: dict) -> str:
         f"gamma {cfg['gamma']} | load average {m['loadavg_start']} -> {m['loadavg_end']} on {m['cpu_count']} CPUs",
         "",
         "Forward+backward of the mean loss; speed-up = naive median / provider median (a +tf provider, with the "
-        "logit transforms and z-loss on: naive+tf median / its median), measured side by side "
+        "logit transforms and z-loss on: naive+tf median / its median; a +soft provider, with dense mixup targets: "
+        "naive+soft median / its median), measured side by side "
         "in one run. Memory kept = bytes held from forward to backward, as a multiple of the logits' size.",
         "",
     ]

@@ -6,12 +6,14 @@ fields (added later, with defaults: a call written for the older schema means wh
 
     cb_loss_fwd<suffix>(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, float gamma,
                         float label_smoothing, int ignore_index, bool compute_grad, str reduction="none",
-                        float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, Tensor? logit_offset=None,
-                        Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> (Tensor, Tensor)
+                        float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, int weight_mode=0,
+                        Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None)
+                        -> (Tensor, Tensor)
     cb_loss_fwd_inplace<suffix>(Tensor(a!) logits, Tensor target, Tensor weight, Tensor? scale, int loss_type,
                                 float gamma, float label_smoothing, int ignore_index, str reduction="none",
-                                float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, Tensor? logit_offset=None,
-                                Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> Tensor
+                                float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, int weight_mode=0,
+                                Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None)
+                                -> Tensor
 
 One op call is the whole forward of a loss (SPEC sections 2-5): it checks the targets (a value outside ``[0, C)``
 that is not ``ignore_index`` raises ``IndexError`` on the CPU, fails a device-side assert on a GPU), computes the
@@ -28,6 +30,13 @@ a None vector: none) plus ``z_loss * lse(z')**2`` per counted row (softmax losse
 respect to the raw ``z``. ``z_rows`` (float32 / float64 ``[N]``, optional) receives each row's z-loss term
 ``z_loss * lse(z')**2`` (0 for ignored rows), unnormalised, for ``return_z_loss``.
 
+Dense targets (SPEC section 9): ``target`` may instead be a floating ``[N, C]`` tensor of probabilities / multi-hot
+rows ``q_ij >= 0`` (the logits' dtype or float32), with no ignore_index (every row counts). ``weight_mode``
+``WEIGHT_SAMPLE`` multiplies row i by ``a_i = sum_j w_j q_ij / sum_j q_ij`` (1 for a row without mass; index
+targets: ``w[y_i]``), ``WEIGHT_CLASS`` each class term j by ``w_j``; ``"weighted_mean"`` divides by the sample
+weights' sum in both modes. The margin becomes ``m_j q_ij``. The kernels do not check q's values (the compiled CPU
+kernel does: ValueError).
+
 Suffixes: ``""`` for the compiled ops (kernels for CPU and CUDA in ``cbkernels._C``, which registers kernels only),
 ``"_torch"`` and ``"_triton"`` for the Python backends, which register theirs with ``register_kernels``.
 """
@@ -39,6 +48,8 @@ from torch import Tensor
 
 SOFTMAX, SIGMOID, FOCAL, SOFTMAX_FOCAL = 0, 1, 2, 3  # the op's loss_type codes (csrc and Triton use the same)
 LOSS_TYPES = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "focal": FOCAL, "softmax_focal": SOFTMAX_FOCAL}
+WEIGHT_SAMPLE, WEIGHT_CLASS = 0, 1  # the op's weight_mode codes (SPEC section 9)
+WEIGHT_MODES = {"sample": WEIGHT_SAMPLE, "class": WEIGHT_CLASS}
 
 class LossSpec(NamedTuple):
     """What one loss call computes besides its tensors (SPEC sections 3-5), built and validated once at the API edge
@@ -60,6 +71,7 @@ class LossSpec(NamedTuple):
     softcap: float = 0.0  # c > 0: z <- c tanh(z / c) first (SPEC section 10); 0 for none (trailing)
     logit_scale: float = 1.0  # s > 0: z <- s z last (trailing)
     z_loss: float = 0.0  # z_loss * lse(z')**2 added per counted row, softmax losses (SPEC section 11; trailing)
+    weight_mode: int = 0  # WEIGHT_SAMPLE (a_i multiplies the row) or WEIGHT_CLASS (w_j each class term; SPEC 9)
 
     @property
     def transforms(self) -> bool:
@@ -121,7 +133,7 @@ class LogitTensors(NamedTuple):
 NO_TENSORS = LogitTensors()
 _DEFAULTS = tuple(LossSpec._field_defaults.get(f) for f in LossSpec._fields)
 _OP_ARGS: dict = {}  # spec -> op_args() (specs are few per process; capped, then not trimmed)
-TRAILING_FIELDS = ("reduction", "softcap", "logit_scale", "z_loss")  # added after the ops' first schema: last
+TRAILING_FIELDS = ("reduction", "softcap", "logit_scale", "z_loss", "weight_mode")  # added after the first schema
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
 _NUM_LEADING = len(LossSpec._fields) - len(TRAILING_FIELDS)
 if LossSpec._fields[_NUM_LEADING:] != TRAILING_FIELDS:

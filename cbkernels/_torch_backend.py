@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _opdefs
-from ._opdefs import NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LogitTensors, LossSpec, loss_dtype
+from ._opdefs import NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, WEIGHT_CLASS, LogitTensors, LossSpec, loss_dtype
 from ._torch_stages import (
+    check_dense_values,
     check_targets,
+    dense_sample_weights,
     focal_terms,
+    pow_gamma,
     reduce_rows,
     reduction_scale,
     row_weights,
@@ -114,8 +117,133 @@ def _chunk(
     return loss, grad, z_rows
 
 
+def _dense_chunk(
+    z: Tensor, q: Tensor, valid: Optional[Tensor], w: Tensor, scale: Tensor, spec: LossSpec, want_grad: bool,
+    tensors: LogitTensors = NO_TENSORS,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``_chunk`` for per-class targets ``q`` ``[R, C]`` (SPEC section 9; compute dtype): a dense target's rows, or
+    an index target's one-hot rows under ``weight_mode="class"`` with ``valid`` marking the counted ones (None: all).
+    Every difference that could cancel is formed from non-negative parts (SPEC section 6)."""
+    num_classes = z.shape[1]
+    if spec.weight_mode == WEIGHT_CLASS:
+        a, cw = None, w
+    else:
+        # in float64 (rounded once): a float32 dot product over C classes is off by several ulp, and a_i scales
+        # every gradient element of its row
+        a, cw = dense_sample_weights(q, w, torch.float64).to(q.dtype), None
+    x, factor = transform_logits(z, q, spec, tensors, dense=True)
+    grad = None
+    if spec.loss_type in (SOFTMAX, SOFTMAX_FOCAL):
+        m = x.amax(1, keepdim=True)
+        lse = torch.logsumexp(x, 1)
+        if spec.loss_type == SOFTMAX:
+            eps = spec.label_smoothing
+            cq = q * (1.0 - eps) + eps / num_classes if eps != 0.0 else q
+            cq = cq * cw if cw is not None else cq
+            total = cq.sum(1)
+            # sum_j cq_j (lse - x_j) as sum_j cq_j (m - x_j) + Q (lse - m): every term >= 0
+            loss = (cq * (m - x)).sum(1) + total * (lse - m.squeeze(1))
+            if want_grad:
+                grad = torch.softmax(x, 1).mul_(total.unsqueeze(1)).sub_(cq)
+        else:
+            nll = lse.unsqueeze(1) - x  # >= 0
+            one_minus_p = -torch.expm1(-nll)
+            cq = q * cw if cw is not None else q
+            mod = pow_gamma(one_minus_p, spec.gamma)
+            loss = (cq * nll if mod is None else cq * mod * nll).sum(1)
+            if want_grad:
+                p = torch.exp(-nll)
+                if mod is None:
+                    c_ij = cq
+                else:
+                    r = torch.where(one_minus_p > 0, nll / torch.where(one_minus_p > 0, one_minus_p, 1.0), 1.0)
+                    c_ij = cq * mod * (1.0 + spec.gamma * p * r)
+                grad = p.mul_(c_ij.sum(1, keepdim=True)).sub_(c_ij)
+    else:
+        pos = x >= 0
+        # softplus(x) - q x = (1 - q) x + log1p(e) for x >= 0, q |x| + log1p(e) below: no cancellation
+        soft = torch.log1p(torch.exp(-x.abs()))
+        ce = torch.where(pos, (1.0 - q) * x, -q * x).add_(soft)
+        sp = torch.sigmoid(x)
+        sn = torch.sigmoid(-x)
+        diff = torch.where(pos, (1.0 - q) - sn, sp - q)  # sigmoid(x) - q
+        if spec.loss_type == SIGMOID:
+            elem = ce
+            g = diff if want_grad else None
+        else:
+            one_minus_pt = q * sn + (1.0 - q) * sp  # two non-negative terms
+            mod = pow_gamma(one_minus_pt, spec.gamma)
+            elem = ce if mod is None else mod * ce
+            g = None
+            if want_grad:
+                if mod is None:
+                    g = diff
+                else:
+                    ratio = torch.where(one_minus_pt > 0,
+                                        (1.0 - 2.0 * q) * sp * sn / torch.where(one_minus_pt > 0, one_minus_pt, 1.0),
+                                        0.0)
+                    g = mod * (spec.gamma * ratio * ce + diff)
+        if cw is not None:
+            elem = elem * cw
+            g = g * cw if g is not None else None
+        loss = elem.sum(1)
+        grad = g
+    if a is not None:
+        loss = loss * a
+        if grad is not None:
+            grad = grad * (a * scale).unsqueeze(1)
+    elif grad is not None:
+        grad = grad * scale
+    z_rows = None
+    if spec.z_loss != 0.0:
+        lse, z_rows = z_loss_rows(x, spec)
+        loss = loss + z_rows
+        if grad is not None:
+            grad.add_(torch.softmax(x, 1).mul_((2.0 * spec.z_loss * lse * scale).unsqueeze(1)))
+    if grad is not None and factor is not None:
+        grad = grad * factor
+    if valid is not None:
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        if z_rows is not None:
+            z_rows = torch.where(valid, z_rows, torch.zeros_like(z_rows))
+        if grad is not None:
+            grad = grad.masked_fill(~valid.unsqueeze(1), 0.0)
+    return loss, grad, z_rows
+
+
+def _run_dense(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
+               grad_out: Optional[Tensor], tensors: LogitTensors = NO_TENSORS) -> Tensor:
+    """``_run`` for dense targets, or index targets under ``weight_mode="class"`` (their one-hot rows, a chunk at
+    a time)."""
+    n, c = logits.shape
+    cdtype = loss_dtype(logits.dtype)
+    loss = torch.empty(n, dtype=cdtype, device=logits.device)
+    w = weight.to(cdtype)
+    scale_c = scale.to(cdtype)
+    dense = target.is_floating_point()
+    rows = max(1, min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, n * c // 4)) // max(c, 1))
+    with torch.autocast(logits.device.type, enabled=False):
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            z = logits[r0:r1].to(cdtype)
+            if dense:
+                q, valid = target[r0:r1].to(cdtype), None
+            else:
+                valid, t, _ = row_weights(target[r0:r1], weight, spec, cdtype)
+                q = torch.zeros_like(z).scatter_(1, t.unsqueeze(1), valid.to(cdtype).unsqueeze(1))
+            l_rows, g, z_rows = _dense_chunk(z, q, valid, w, scale_c, spec, grad_out is not None, tensors)
+            loss[r0:r1] = l_rows
+            if tensors.z_rows is not None:
+                tensors.z_rows[r0:r1] = z_rows if z_rows is not None else 0.0
+            if grad_out is not None:
+                grad_out[r0:r1].copy_(g)
+    return loss
+
+
 def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: LossSpec,
          grad_out: Optional[Tensor], tensors: LogitTensors = NO_TENSORS) -> Tensor:
+    if target.is_floating_point() or spec.weight_mode == WEIGHT_CLASS:
+        return _run_dense(logits, target, weight, scale, spec, grad_out, tensors)
     n, c = logits.shape
     cdtype = loss_dtype(logits.dtype)
     loss = torch.empty(n, dtype=cdtype, device=logits.device)
@@ -145,7 +273,10 @@ def _run(logits: Tensor, target: Tensor, weight: Tensor, scale: Tensor, spec: Lo
 
 def _prologue(logits: Tensor, target: Tensor, weight: Tensor, scale: Optional[Tensor], spec: LossSpec) -> Tensor:
     """The op's target check and normaliser (a given ``scale`` replaces the reduction's)."""
-    check_targets(target, logits.shape[1], spec.ignore_index)
+    if target.is_floating_point():
+        check_dense_values(target, spec)
+    else:
+        check_targets(target, logits.shape[1], spec.ignore_index)
     return reduction_scale(target, weight, spec, loss_dtype(logits.dtype)) if scale is None else scale
 
 

@@ -7,13 +7,14 @@ vocabulary-parallel linear path over a shard of each row.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._opdefs import SOFTMAX, LogitTensors, LossSpec
+from ._opdefs import FOCAL, SIGMOID, SOFTMAX, LogitTensors, LossSpec
 
 NO_DOUBLE_BACKWARD = (
     "cbkernels: double backward through a class-balanced loss is not supported (its backward scales a "
@@ -46,8 +47,55 @@ def reduce_rows(rows: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
     return rows.sum() * scale.to(rows.dtype)
 
 
+# Rows per chunk of the dense targets' passes in PyTorch (the weights' and value checks' temporaries stay small).
+DENSE_CHUNK_ELEMENTS = 1 << 20
+
+
+def dense_sample_weights(q: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a_i = sum_j w_j q_ij / sum_j q_ij`` per row of a dense target ``[N, C]`` (SPEC section 9; 1 for a row
+    without mass), in ``dtype``, a few rows at a time (no ``[N, C]`` temporary in ``dtype``)."""
+    n, c = q.shape
+    out = torch.empty(n, dtype=dtype, device=q.device)
+    w = weight.to(dtype)
+    rows = max(1, DENSE_CHUNK_ELEMENTS // max(c, 1))
+    for r0 in range(0, n, rows):
+        qc = q[r0:r0 + rows].to(dtype)
+        mass = qc.sum(1)
+        out[r0:r0 + rows] = torch.where(mass > 0, torch.mv(qc, w) / torch.where(mass > 0, mass, 1.0), 1.0)
+    return out
+
+
+def check_dense_values(q: Tensor, spec: LossSpec) -> None:
+    """SPEC section 9's values on the CPU: ``ValueError`` for a NaN, a negative ``q`` or (sigmoid losses) a
+    ``q > 1``, naming the first bad element; nothing elsewhere (a check would be a host sync)."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or q.numel() == 0:
+        return
+    sigmoid = spec.loss_type in (SIGMOID, FOCAL)
+    upper = 1.0 if sigmoid else torch.finfo(q.dtype).max
+    lo, hi = torch.aminmax(q)
+    if bool(lo >= 0) and bool(hi <= upper):  # False for a NaN
+        return
+    bad = ~((q >= 0) & (q <= upper))
+    row, col = (int(i) for i in bad.nonzero()[0])
+    value = float(q[row, col])
+    if math.isnan(value) or value < 0:
+        why = "NaN" if math.isnan(value) else "negative"
+    else:
+        why = "above 1 (the sigmoid losses' targets are per-class probabilities)" if sigmoid else "infinite"
+    raise ValueError(f"target holds {value} at row {row}, class {col}: dense targets must be finite and >= 0 (and "
+                     f"<= 1 for the sigmoid losses); this one is {why}")
+
+
 def reduction_scale(target: Tensor, weight: Tensor, spec: LossSpec, dtype: torch.dtype) -> Tensor:
-    """0-d normaliser of ``spec.reduction`` (SPEC section 5), kept on the device (no host sync)."""
+    """0-d normaliser of ``spec.reduction`` (SPEC section 5), kept on the device (no host sync). A dense target
+    (SPEC section 9): every row counts, and ``"weighted_mean"`` divides by the sample weights' sum."""
+    if target.is_floating_point():
+        if spec.reduction == "mean":
+            return torch.full((), 1.0 / max(1, target.shape[0]), dtype=dtype, device=target.device)
+        if spec.reduction == "weighted_mean":
+            total = dense_sample_weights(target, weight, torch.float64).sum().to(dtype)
+            return torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+        return torch.ones((), dtype=dtype, device=target.device)
     valid = target != spec.ignore_index
     if spec.reduction == "mean":
         return 1.0 / valid.sum().clamp(min=1).to(dtype)
@@ -144,11 +192,12 @@ def focal_terms(z: Tensor, ty: Tensor, zy: Tensor, a: Tensor, scale: Tensor, gam
     return rows, g.mul_((a * scale).unsqueeze(1))
 
 
-def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensors):
+def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensors, dense: bool = False):
     """The logit transforms of SPEC section 10 on a block of rows ``z`` (compute dtype, never written), in SPEC's
     order: ``(z', dz'/dz)``, the factor a tensor (softcap), the float scale, or None when it is 1 (and ``z'`` then
     ``z`` itself when nothing is on).
-    ``ty`` ``[R, 1]``: the rows' target columns (the margin's)."""
+    ``ty`` ``[R, 1]``: the rows' target columns (the margin's); with ``dense``, the per-class targets ``q`` ``[R, C]``
+    (the margin is then ``m_j q_ij``)."""
     x, factor = z, None
     if spec.softcap != 0.0:
         u = z / spec.softcap
@@ -159,9 +208,12 @@ def transform_logits(z: Tensor, ty: Tensor, spec: LossSpec, tensors: LogitTensor
     if tensors.logit_offset is not None:
         x = x + tensors.logit_offset.to(z.dtype)
     if tensors.target_margin is not None:
-        if x is z:
-            x = z.clone()
-        x.scatter_add_(1, ty, -tensors.target_margin.to(z.dtype)[ty])
+        if dense:
+            x = x - tensors.target_margin.to(z.dtype) * ty
+        else:
+            if x is z:
+                x = z.clone()
+            x.scatter_add_(1, ty, -tensors.target_margin.to(z.dtype)[ty])
     if spec.logit_scale != 1.0:
         x = x * spec.logit_scale
         factor = spec.logit_scale if factor is None else factor.mul_(spec.logit_scale)

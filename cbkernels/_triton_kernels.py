@@ -172,10 +172,11 @@ def _tanh_sech2(x):
 
 @jit
 def _transform(z, idx, idx_ok, is_t, tf, HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-               HAS_MARGIN: tl.constexpr):
+               HAS_MARGIN: tl.constexpr, DENSE: tl.constexpr = False):
     """SPEC section 10 on raw logits ``z`` of columns ``idx`` (``is_t``: the target's): ``(z', dz)``,
     ``z' = lscale (cap tanh(z / cap) + o_j - m_y [j == y])`` and ``dz = sech^2(z / cap)`` (``z`` itself, unused,
-    without softcap). ``tf = (offset_ptr, m_y, cap, inv_cap, lscale)``, ``m_y`` shaped to broadcast against z."""
+    without softcap). ``tf = (offset_ptr, m_y, cap, inv_cap, lscale)``, ``m_y`` shaped to broadcast against z.
+    DENSE: ``is_t`` is the target tile q and ``m_y`` the margin vector's pointer: the margin is ``m_j q_ij``."""
     offset_ptr, m_y, cap, inv_cap, lscale = tf
     x = z
     dz = z
@@ -185,7 +186,10 @@ def _transform(z, idx, idx_ok, is_t, tf, HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: 
     if HAS_OFFSET:
         x = x + tl.load(offset_ptr + idx, mask=idx_ok, other=0.0).to(z.dtype)
     if HAS_MARGIN:
-        x = tl.where(is_t, x - m_y, x)
+        if DENSE:
+            x = x - tl.load(m_y + idx, mask=idx_ok, other=0.0).to(z.dtype) * is_t
+        else:
+            x = tl.where(is_t, x - m_y, x)
     return x * lscale, dz
 
 
@@ -413,6 +417,321 @@ def _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_
     return acc
 
 
+# ------------------------------------------------------------------------------------------------- dense targets
+# SPEC section 9 (DENSE): the target is a floating [N, C] tile q, read in the same pass as the logits tile (the
+# logits' dtype or float32, converted on load). No ignore_index: every row counts. CLASS_WEIGHTS ("class" mode):
+# w_j weighs each class term; otherwise ("sample" mode) a_i = sum_j w_j q_ij / sum_j q_ij weighs the row, a row
+# statistic: from the tile in registers on a single tile, else from a pass over q that comes before the gradient
+# (softmax's statistics pass; for the one-vs-all losses a pass that reads q only, or _triton_reduce's mass partials
+# on the split path).
+
+# Workspace slots per (row, chunk) on the dense split path: m, s_other, n_max, T (softmax focal: F), K (S), wq, sq.
+WS_DENSE = tl.constexpr(8)
+SPLITS_MAX = tl.constexpr(_triton.MAX_SPLITS)
+
+
+@jit
+def _load_q(q_rows, cols, mask, CDT: tl.constexpr):
+    # As _load_z: masked lanes read 0, a class without target mass.
+    return tl.load(q_rows + cols, mask=mask, other=0.0).to(CDT)
+
+
+@jit
+def _load_w(weight_ptr, cols, col_ok, CDT: tl.constexpr):
+    # The class weights of a tile's columns, as a row that broadcasts over its rows.
+    return tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(CDT)[None, :]
+
+
+@jit
+def _sample_weight(wq, sq):
+    # a_i, 1 for a row without mass; per row, so correctly rounded at no cost.
+    return tl.where(sq > 0.0, _div_rn(wq, tl.where(sq > 0.0, sq, 1.0)), 1.0)
+
+
+@jit
+def _mass_sums(q_rows, weight_ptr, row_ok, col_lo, col_hi, CDT: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """``sum_j w_j q_ij`` and ``sum_j q_ij`` over [col_lo, col_hi): the pass that reads q only, for a sample-mode row
+    weight that a gradient written in the first pass over the logits needs (and _triton_reduce's mass partials)."""
+    cols = tl.arange(0, BLOCK_C)
+    wq = tl.zeros([ROWS], CDT)
+    sq = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        col_ok = cc < col_hi
+        q = _load_q(q_rows[:, None], cc[None, :], row_ok[:, None] & col_ok[None, :], CDT)
+        wq += tl.sum(_load_w(weight_ptr, cc, col_ok, CDT) * q, axis=1)
+        sq += tl.sum(q, axis=1)
+    return wq, sq
+
+
+@jit
+def _split_sample_weight(rw_ptr, rows, row_ok, n_splits):
+    # a_i from the row's mass partials [N, K, 2] (_triton_reduce.mass_partials), combined in a fixed order.
+    k = tl.arange(0, SPLITS_MAX)
+    kmask = row_ok[:, None] & (k < n_splits)[None, :]
+    parts = rw_ptr + (rows[:, None] * n_splits + k[None, :]) * 2
+    return _sample_weight(tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1),
+                          tl.sum(tl.load(parts + 1, mask=kmask, other=0.0), axis=1))
+
+
+@jit
+def _dense_row_setup(scale_ptr, rows, n_rows, n_cols, gamma_hi, gamma_lo, eps_hi, eps_lo, CDT: tl.constexpr):
+    # _row_setup without a target index; eps_c = eps / C, the smoothed target's uniform part.
+    row_ok = rows < n_rows
+    scale = tl.load(scale_ptr).to(CDT)
+    gamma = tl.cast(gamma_hi, CDT) + tl.cast(gamma_lo, CDT)
+    eps = tl.cast(eps_hi, CDT) + tl.cast(eps_lo, CDT)
+    return row_ok, scale, gamma, eps, _div_rn(eps, n_cols.to(CDT))
+
+
+@jit
+def _lse_gap(n_max, s_other):
+    """``lse - m``, the sum-exp ``s`` and ``s - 1`` of a row from the count of its max logits and the others'
+    sum-exp relative to the max: ``log1p((n_max - 1) + s_other)`` keeps full relative precision on a confident row,
+    where ``s = n_max + s_other`` rounds to 1 (as the index path's log1p(s_other / e_y)); per row, so exact
+    divisions."""
+    x = (n_max - 1.0) + s_other
+    w = 1.0 + x
+    return _log1p(x, w, _div_rn(1.0, w)), w, x
+
+
+@jit
+def _max_split(z, m, mask):
+    # A tile's count of logits at the max m and the sum-exp of the others (NaN among them: it propagates).
+    at_max = mask & (z == m[:, None])
+    return (tl.sum(at_max.to(z.dtype), axis=1),
+            tl.sum(tl.where(mask & (z != m[:, None]), _exp(z - _finite_or_zero(m)[:, None]), 0.0), axis=1))
+
+
+@jit
+def _softmax_focal_terms(lg, gamma, GAMMA_CASE: tl.constexpr):
+    """Softmax focal per element from ``L = lse - z'_j >= 0``: ``(1 - P)^gamma`` and ``c = (1 - P)^gamma (1 + gamma P
+    r)``, ``r = L / (1 - P)``, P = exp(-L) (SPEC section 4 at P = p_j; r -> 1 as 1 - P -> 0).
+
+    ``1 - P = -expm1(-L)``: ``1 - u`` (u = exp(-L)) keeps no relative precision for small L; there
+    ``r = -log(u) / (1 - u)`` is smooth in u, so u's own rounding hardly moves it (Kahan's expm1), and
+    ``1 - P = L / r``. Beyond L = log 2, ``1 - u >= 1/2`` is exact to an ulp."""
+    u = _exp(-lg)
+    near = u > 0.5
+    gap = 1.0 - u  # exact where u >= 1/2
+    r_near = tl.where(u < 1.0, _div_rn(-tl.log(u), tl.where(u < 1.0, gap, 1.0)), 1.0)
+    # Both divisors lie in [1, 2] (r_near = L / (1 - e^-L) <= log(2) / (1/2) = 1.39; 2 (1 - u) beyond): _rcp's range.
+    inv = _rcp(tl.where(near, r_near, 2.0 * gap))
+    omp = tl.where(near, lg * inv, gap)
+    r = tl.where(near, r_near, 2.0 * lg * inv)
+    mod = _pow_gamma(omp, tl.log(omp), gamma, GAMMA_CASE, False)
+    return mod, mod * (1.0 + gamma * u * r)
+
+
+@jit
+def _dense_softmax_terms(z, q, w, mask, shift, lse_gap, eps, eps_c, gamma, LOSS_TYPE: tl.constexpr,
+                         GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CLASS_WEIGHTS: tl.constexpr):
+    """One tile of a softmax loss with a dense target: ``(part, K_tile, k)`` with ``k_j`` each element's target term
+    of the gradient ``coef (K p_j - k_j)``, ``K = sum_j k_j``, and ``part`` its share of the row loss:
+    softmax ``k = cw q'``, ``part = sum_j k_j (m - z'_j)`` (the row adds ``K (lse - m)``: every term >= 0, nothing
+    cancels); softmax focal ``k = cw q c``, ``part = sum_j cw q_j (1 - P_j)^gamma L_j``, ``L_j = (m - z'_j) +
+    (lse - m)`` (``lse_gap``). Classes without target weight are left out: at a logit of -inf (a masked vocabulary)
+    they would give 0 * inf."""
+    gap = shift[:, None] - z
+    if LOSS_TYPE == SOFTMAX:
+        if HAS_SMOOTHING:
+            q = tl.where(mask, (1.0 - eps) * q + eps_c, 0.0)
+        if CLASS_WEIGHTS:
+            q = w * q
+        k = q
+        part = tl.sum(tl.where(k > 0.0, k * gap, 0.0), axis=1)
+    else:
+        if CLASS_WEIGHTS:
+            q = w * q
+        lg = gap + lse_gap[:, None]
+        mod, c = _softmax_focal_terms(lg, gamma, GAMMA_CASE)
+        on = q > 0.0
+        part = tl.sum(tl.where(on, q * mod * lg, 0.0), axis=1)
+        k = tl.where(on, q * c, 0.0)
+    return part, tl.sum(k, axis=1), k
+
+
+@jit
+def _dense_softmax_grad(e, s, x, big_k, k, coef, kz, HAS_ZLOSS: tl.constexpr):
+    """``coef (K p - k) + kz p`` from ``e = exp(z' - m)``, ``s`` and ``x = s - 1`` (_lse_gap), in the compute dtype
+    before the one rounding. At a confident row's max (p -> 1, k = K for a one-hot row) ``K p - k`` cancels; there
+    ``e = 1`` exactly and it is ``((K - k) - k x) / s``, from terms that do not (0 - k x exactly for one-hot)."""
+    inv_s = _div_rn(1.0, s)[:, None]
+    p = e * inv_s
+    d = tl.where(e == 1.0, ((big_k[:, None] - k) - k * x[:, None]) * inv_s, big_k[:, None] * p - k)
+    g = coef[:, None] * d
+    if HAS_ZLOSS:
+        g = g + kz[:, None] * p
+    return g
+
+
+@jit
+def _dense_row(loss, a, scale, shift, lse_gap, z_loss, HAS_ZLOSS: tl.constexpr):
+    """The row's loss ``a loss`` plus the z-loss (not weighted), the gradient coefficient ``a scale``, and the
+    z-loss term and its gradient coefficient (HAS_ZLOSS; else placeholders)."""
+    row = a * loss
+    if HAS_ZLOSS:
+        lse = shift + lse_gap
+        z_term = z_loss * lse * lse
+        kz = 2.0 * z_loss * lse * scale
+        row += z_term
+    else:
+        z_term = row
+        kz = row
+    return row, a * scale, z_term, kz
+
+
+@jit
+def _dense_softmax_stats(z_rows, q_rows, weight_ptr, row_ok, col_lo, col_hi, tf, eps, eps_c, CDT: tl.constexpr,
+                         LOSS_TYPE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CLASS_WEIGHTS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Online max, its count and the others' sum-exp (see _lse_gap) over [col_lo, col_hi), and in the same pass
+    softmax CE's ``T = sum_j k_j (m - z'_j)`` and ``K = sum_j k_j`` (relative to the max so far) and sample mode's
+    mass sums."""
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.full([ROWS], float("-inf"), CDT)
+    n_max = tl.zeros([ROWS], CDT)
+    s_other = tl.zeros([ROWS], CDT)
+    t = tl.zeros([ROWS], CDT)
+    big_k = tl.zeros([ROWS], CDT)
+    wq = tl.zeros([ROWS], CDT)
+    sq = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = _load_q(q_rows[:, None], cc[None, :], mask, CDT)
+        w = _load_w(weight_ptr, cc, col_ok, CDT)
+        z, _ = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], q, tf,
+                          HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, True)
+        m_new = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), axis=1))
+        shift = _finite_or_zero(m_new)
+        n_tile, s_tile = _max_split(z, m_new, mask)
+        # A new max turns the old ones into others.
+        up = m_new > m
+        s_other = tl.where(up, (s_other + n_max) * _exp(m - shift), s_other) + s_tile
+        n_max = tl.where(up, n_tile, n_max + n_tile)
+        if LOSS_TYPE == SOFTMAX:
+            part, k_tile, _ = _dense_softmax_terms(z, q, w, mask, shift, s_tile, eps, eps_c, 0.0, LOSS_TYPE,
+                                                   GAMMA_ZERO, HAS_SMOOTHING, CLASS_WEIGHTS)
+            # Moving the reference up from the old max adds K (m_new - m_old) >= 0: still no term cancels.
+            t = t + big_k * (shift - _finite_or_zero(m)) + part
+            big_k += k_tile
+        if not CLASS_WEIGHTS:
+            wq += tl.sum(w * q, axis=1)
+            sq += tl.sum(q, axis=1)
+        m = m_new
+    return m, n_max, s_other, t, big_k, wq, sq
+
+
+@jit
+def _dense_focal_sums(z_rows, q_rows, weight_ptr, row_ok, shift, lse_gap, gamma, col_lo, col_hi, tf,
+                      CDT: tl.constexpr, GAMMA_CASE: tl.constexpr, CLASS_WEIGHTS: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Softmax focal's loss sum and ``S = sum_j cw_j q_j c_j`` over [col_lo, col_hi): both need lse, so a pass of
+    their own between the statistics and the gradient."""
+    cols = tl.arange(0, BLOCK_C)
+    loss = tl.zeros([ROWS], CDT)
+    big_s = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = _load_q(q_rows[:, None], cc[None, :], mask, CDT)
+        z, _ = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], q, tf,
+                          HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, True)
+        part, k_tile, _ = _dense_softmax_terms(z, q, _load_w(weight_ptr, cc, col_ok, CDT), mask, shift, lse_gap,
+                                               0.0, 0.0, gamma, SOFTMAX_FOCAL, GAMMA_CASE, False, CLASS_WEIGHTS)
+        loss += part
+        big_s += k_tile
+    return loss, big_s
+
+
+@jit
+def _dense_softmax_grad_pass(z_rows, q_rows, g_rows, weight_ptr, row_ok, m, s, x, lse_gap, big_k, coef, kz, eps,
+                             eps_c, gamma, col_lo, col_hi, tf, CDT: tl.constexpr, LOSS_TYPE: tl.constexpr,
+                             GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CLASS_WEIGHTS: tl.constexpr,
+                             HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                             HAS_MARGIN: tl.constexpr, BLOCK_C: tl.constexpr):
+    # As _softmax_grad_pass: p = exp(z' - m) / s, the last tile first; q is read again with its logits.
+    shift = _finite_or_zero(m)
+    cols = tl.arange(0, BLOCK_C)
+    n_tiles = (col_hi - col_lo + BLOCK_C - 1) // BLOCK_C
+    for i in tl.range(0, n_tiles):
+        cc = col_lo + (n_tiles - 1 - i) * BLOCK_C + cols
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = _load_q(q_rows[:, None], cc[None, :], mask, CDT)
+        z, dz = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], q, tf,
+                           HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, True)
+        _, _, k = _dense_softmax_terms(z, q, _load_w(weight_ptr, cc, col_ok, CDT), mask, shift, lse_gap, eps,
+                                       eps_c, gamma, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING, CLASS_WEIGHTS)
+        g = _dense_softmax_grad(_exp(z - shift[:, None]), s, x, big_k, k, coef, kz, HAS_ZLOSS)
+        _store_grad(g_rows[:, None], cc[None, :], g, dz, row_ok[:, None], mask, HAS_SOFTCAP)
+
+
+@jit
+def _dense_one_vs_all_terms(z, q, gamma, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr):
+    """Loss term and derivative of sigmoid CE and sigmoid focal for a soft target q, per element:
+    ``ce = softplus(z) - q z`` and ``sigma(z) - q``; focal ``(1 - pt)^gamma ce`` with ``1 - pt = q sigma(-z) +
+    (1 - q) sigma(z)`` and derivative ``(1 - pt)^gamma [gamma (1 - 2q) sigma(z) sigma(-z) / (1 - pt) ce +
+    sigma(z) - q]`` (the ratio is 0 where 1 - pt underflows to 0). Index targets are the case q in {0, 1}."""
+    e = _exp(-tl.abs(z))
+    one_e = 1.0 + e
+    inv = _rcp(one_e)  # sigma(|z|)
+    small = e * inv  # sigma(-|z|), never 1 - sigma(|z|)
+    pos = z >= 0.0
+    omq = 1.0 - q
+    # Two non-negative terms each, so neither cancels: softplus(z) - q z = log1p(e) + (1 - q) z (z >= 0), or
+    # log1p(e) + q |z|; sigma(z) - q = (1 - q) - sigma(-z) (z >= 0), or sigma(z) - q with sigma(z) < 1/2.
+    ce = _log1p_unit(e, one_e) + tl.where(pos, omq * z, -q * z)
+    d = tl.where(pos, omq - small, small - q)
+    if LOSS_TYPE == FOCAL:
+        # 1 - pt = dn / (1 + e) with dn = (1 - q) + q e (z >= 0), q + (1 - q) e: sums again; and
+        # sigma(z) sigma(-z) / (1 - pt) = sigma(-|z|) / dn <= 1 (dn >= e).
+        dn = tl.where(pos, omq + q * e, q + omq * e)
+        omp = dn * inv
+        mod = _pow_gamma(omp, tl.log(omp), gamma, GAMMA_CASE, False)
+        ratio = tl.where(dn > 0.0, _div_rn(small, tl.where(dn > 0.0, dn, 1.0)), 0.0)
+        d = mod * (gamma * (1.0 - 2.0 * q) * ratio * ce + d)
+        ce = mod * ce
+    return ce, d
+
+
+@jit
+def _dense_one_vs_all_pass(z_rows, q_rows, g_rows, weight_ptr, row_ok, a, scale, gamma, col_lo, col_hi, tf,
+                           CDT: tl.constexpr, LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr,
+                           HAS_GRAD: tl.constexpr, CLASS_WEIGHTS: tl.constexpr, TILE_WEIGHT: tl.constexpr,
+                           HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``a sum_j cw_j e_j`` over [col_lo, col_hi), writing the gradient ``a scale cw_j de_j/dz'`` on the way (one
+    read). TILE_WEIGHT (sample mode on a single tile, where the loop runs once): ``a`` from the q tile just read."""
+    cols = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([ROWS], CDT)
+    for c0 in tl.range(col_lo, col_hi, BLOCK_C):
+        cc = c0 + cols
+        col_ok = cc < col_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        q = _load_q(q_rows[:, None], cc[None, :], mask, CDT)
+        w = _load_w(weight_ptr, cc, col_ok, CDT)
+        z, dz = _transform(_load_z(z_rows[:, None], cc[None, :], mask, CDT), cc[None, :], col_ok[None, :], q, tf,
+                           HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, True)
+        term, d = _dense_one_vs_all_terms(z, q, gamma, LOSS_TYPE, GAMMA_CASE)
+        if CLASS_WEIGHTS:
+            term = w * term
+            d = w * d
+        if TILE_WEIGHT:
+            a = _sample_weight(tl.sum(w * q, axis=1), tl.sum(q, axis=1))
+        acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        if HAS_GRAD:
+            _store_grad(g_rows[:, None], cc[None, :], (a * scale)[:, None] * d, dz, row_ok[:, None], mask,
+                        HAS_SOFTCAP)
+    return a * acc
+
+
 @jit
 def _aligned(x, ALIGN: tl.constexpr):
     # The host checked that x (C, a row stride, a chunk) is a multiple of ALIGN, so this is x itself; written so,
@@ -447,11 +766,14 @@ def _per_row(rows, flag):
 
 @jit
 def _transform_setup(margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi,
-                     zloss_lo, CDT: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """The rows' ``tf`` (see _transform; the margin of each row's target) and the z-loss weight. Without HAS_SCALE
-    the scale is the literal 1.0: ``x * 1.0`` folds to ``x`` at compile time (a runtime 1 would cost a multiply per
-    element and, in the widest tiles, registers)."""
-    if HAS_MARGIN:
+                     zloss_lo, CDT: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     DENSE: tl.constexpr = False):
+    """The rows' ``tf`` (see _transform; the margin of each row's target, DENSE: the margin vector) and the z-loss
+    weight. Without HAS_SCALE the scale is the literal 1.0: ``x * 1.0`` folds to ``x`` at compile time (a runtime 1
+    would cost a multiply per element and, in the widest tiles, registers)."""
+    if DENSE:
+        m_y = margin_ptr
+    elif HAS_MARGIN:
         m_y = tl.load(margin_ptr + y, mask=hit, other=0.0).to(CDT)
     else:
         m_y = tl.zeros(y.shape, CDT)
@@ -470,11 +792,11 @@ def cb_loss_kernel(
     logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr, offset_ptr, margin_ptr, zrows_ptr,
     n_rows, n_cols, stride_z, stride_g, cols_per_split,
     ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
-    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z,
+    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z, stride_q, rw_ptr,
     LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
     SINGLE_TILE: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_ZLOSS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DENSE: tl.constexpr = False, CLASS_WEIGHTS: tl.constexpr = False,
 ):
     """Per-row loss ``loss[N]`` and gradient ``scale * dl/dz`` (``grad``, when HAS_GRAD) of ROWS rows per program.
 
@@ -483,6 +805,10 @@ def cb_loss_kernel(
     Transforms (SPEC section 10): ``offset_ptr``/``margin_ptr`` ``[C]`` float32 (read with HAS_OFFSET/HAS_MARGIN),
     softcap ``cap``, ``1 / cap`` (HAS_SOFTCAP), ``lscale``; the z-loss weight (HAS_ZLOSS) and, when ``store_z``, each
     row's z-loss term in ``zrows [N]``. Floats come as float32 ``hi + lo`` pairs (see _row_setup).
+    DENSE (SPEC section 9): ``target`` is q ``[N, C]`` with row stride ``stride_q``, CLASS_WEIGHTS its weight mode;
+    the split path's partials are ``ws [N, K, WS_DENSE]``, and a sample-mode one-vs-all split reads the rows' mass
+    partials ``rw [N, K, 2]`` (_triton_reduce.mass_partials). Both arguments are unused without DENSE (appended
+    last: the index kernels' parameters keep their places).
     """
     CDT: tl.constexpr = loss_ptr.dtype.element_ty
     if ALIGN > 1:
@@ -491,81 +817,188 @@ def cb_loss_kernel(
         stride_g = _aligned(stride_g, ALIGN)
     # int64 row offsets: row * stride passes 2**31 for large N * C (e.g. 16k rows of a 256k vocabulary).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
-        target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
-        CDT)
-    m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
-        margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, CDT,
-        HAS_MARGIN, HAS_SCALE)
-    tf = (offset_ptr, m_y, cap, inv_cap, lscale)
-    tf_tile = _tile_tf(tf)
-    scale = scale * lscale  # dz'/dz = lscale (times sech^2 with softcap): folded into every row coefficient
-    z_rows = logits_ptr + rows * stride_z
-    g_rows = grad_ptr + rows * stride_g
-    if SPLIT:
-        cols_per_split = _aligned(cols_per_split, BLOCK_C)  # a whole number of tiles: aligned chunk starts
-        col_lo = tl.program_id(1) * cols_per_split
-        col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
-        ws_rows = ws_ptr + (rows * tl.num_programs(1) + tl.program_id(1)) * 4
-    else:
-        col_lo = 0
-        col_hi = n_cols
-
-    if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
-        zy, _ = _transform(_load_z(z_rows, y, hit, CDT), y, hit, hit, tf, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
-        if SINGLE_TILE:
-            cols = tl.arange(0, BLOCK_C)
-            col_ok = cols < n_cols
-            mask = row_ok[:, None] & col_ok[None, :]
-            is_t = cols[None, :] == y[:, None]
-            # The softcap's factor dz stays in registers with the tile: the logits may be overwritten below.
-            z, dz = _transform(_load_z(z_rows[:, None], cols[None, :], mask, CDT), cols[None, :], col_ok[None, :],
-                               is_t, tf_tile, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
-            m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
-            e = tl.where(mask, _exp(z - _finite_or_zero(m)[:, None]), 0.0)
-            so = tl.sum(tl.where(is_t, 0.0, e), axis=1)
-            if HAS_SMOOTHING:
-                sz = tl.sum(z, axis=1)
-            else:
-                sz = so
-            loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
-                m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
-                HAS_ZLOSS)
-            tl.store(loss_ptr + rows, loss, mask=row_ok)
-            if HAS_ZLOSS:
-                tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
-            if HAS_GRAD:
-                g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p, kz,
-                                  HAS_SMOOTHING, HAS_ZLOSS)
-                _store_grad(g_rows[:, None], cols[None, :], g, dz, valid[:, None], mask, HAS_SOFTCAP)
+    if DENSE:
+        row_ok, scale, gamma, eps, eps_c = _dense_row_setup(scale_ptr, rows, n_rows, n_cols, gamma_hi, gamma_lo,
+                                                            eps_hi, eps_lo, CDT)
+        margin, cap, inv_cap, lscale, z_loss = _transform_setup(
+            margin_ptr, rows, row_ok, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi,
+            zloss_lo, CDT, HAS_MARGIN, HAS_SCALE, True)
+        tf = (offset_ptr, margin, cap, inv_cap, lscale)
+        scale = scale * lscale  # as below
+        if ALIGN > 1:
+            stride_q = _aligned(stride_q, ALIGN)
+        z_rows = logits_ptr + rows * stride_z
+        g_rows = grad_ptr + rows * stride_g
+        q_rows = target_ptr + rows * stride_q
+        ones = tl.full([ROWS], 1.0, CDT)  # the row weight of class mode
+        if SPLIT:
+            cols_per_split = _aligned(cols_per_split, BLOCK_C)
+            col_lo = tl.program_id(1) * cols_per_split
+            col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+            ws_rows = ws_ptr + (rows * tl.num_programs(1) + tl.program_id(1)) * WS_DENSE
         else:
-            m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING,
-                                       HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)
-            if SPLIT:
-                tl.store(ws_rows, m, mask=row_ok)
-                tl.store(ws_rows + 1, so, mask=row_ok)
-                tl.store(ws_rows + 2, sz, mask=row_ok)
-                tl.store(ws_rows + 3, zy, mask=row_ok)
+            col_lo = 0
+            col_hi = n_cols
+        if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+            if SINGLE_TILE:
+                cols = tl.arange(0, BLOCK_C)
+                col_ok = cols < n_cols
+                mask = row_ok[:, None] & col_ok[None, :]
+                q = _load_q(q_rows[:, None], cols[None, :], mask, CDT)
+                w = _load_w(weight_ptr, cols, col_ok, CDT)
+                z, dz = _transform(_load_z(z_rows[:, None], cols[None, :], mask, CDT), cols[None, :],
+                                   col_ok[None, :], q, tf, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, True)
+                m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
+                shift = _finite_or_zero(m)
+                e = tl.where(mask, _exp(z - shift[:, None]), 0.0)
+                at_max = mask & (z == m[:, None])
+                lse_gap, s, x = _lse_gap(tl.sum(at_max.to(CDT), axis=1), tl.sum(tl.where(at_max, 0.0, e), axis=1))
+                if CLASS_WEIGHTS:
+                    a = ones
+                else:
+                    a = _sample_weight(tl.sum(w * q, axis=1), tl.sum(q, axis=1))
+                loss, big_k, k = _dense_softmax_terms(z, q, w, mask, shift, lse_gap, eps, eps_c, gamma,
+                                                      LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING, CLASS_WEIGHTS)
+                if LOSS_TYPE == SOFTMAX:
+                    loss += big_k * lse_gap
+                row, coef, z_term, kz = _dense_row(loss, a, scale, shift, lse_gap, z_loss, HAS_ZLOSS)
+                tl.store(loss_ptr + rows, row, mask=row_ok)
+                if HAS_ZLOSS:
+                    tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
+                if HAS_GRAD:
+                    g = _dense_softmax_grad(e, s, x, big_k, k, coef, kz, HAS_ZLOSS)
+                    _store_grad(g_rows[:, None], cols[None, :], g, dz, row_ok[:, None], mask, HAS_SOFTCAP)
             else:
+                m, n_max, s_other, t, big_k, wq, sq = _dense_softmax_stats(
+                    z_rows, q_rows, weight_ptr, row_ok, col_lo, col_hi, tf, eps, eps_c, CDT, LOSS_TYPE,
+                    HAS_SMOOTHING, CLASS_WEIGHTS, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)
+                if SPLIT:
+                    tl.store(ws_rows, m, mask=row_ok)
+                    tl.store(ws_rows + 1, s_other, mask=row_ok)
+                    tl.store(ws_rows + 2, n_max, mask=row_ok)
+                    if LOSS_TYPE == SOFTMAX:
+                        tl.store(ws_rows + 3, t, mask=row_ok)
+                        tl.store(ws_rows + 4, big_k, mask=row_ok)
+                    if not CLASS_WEIGHTS:
+                        tl.store(ws_rows + 5, wq, mask=row_ok)
+                        tl.store(ws_rows + 6, sq, mask=row_ok)
+                else:
+                    shift = _finite_or_zero(m)
+                    lse_gap, s, x = _lse_gap(n_max, s_other)
+                    if CLASS_WEIGHTS:
+                        a = ones
+                    else:
+                        a = _sample_weight(wq, sq)
+                    if LOSS_TYPE == SOFTMAX:
+                        loss = t + big_k * lse_gap
+                    else:
+                        loss, big_k = _dense_focal_sums(z_rows, q_rows, weight_ptr, row_ok, shift, lse_gap, gamma,
+                                                        col_lo, col_hi, tf, CDT, GAMMA_CASE, CLASS_WEIGHTS,
+                                                        HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)
+                    row, coef, z_term, kz = _dense_row(loss, a, scale, shift, lse_gap, z_loss, HAS_ZLOSS)
+                    tl.store(loss_ptr + rows, row, mask=row_ok)
+                    if HAS_ZLOSS:
+                        tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
+                    if HAS_GRAD:
+                        _dense_softmax_grad_pass(z_rows, q_rows, g_rows, weight_ptr, row_ok, m, s, x, lse_gap,
+                                                 big_k, coef, kz, eps, eps_c, gamma, col_lo, col_hi, tf, CDT,
+                                                 LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING, CLASS_WEIGHTS, HAS_ZLOSS,
+                                                 HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, BLOCK_C)
+        else:
+            # Sample mode needs a_i before the gradient this pass writes: from the tile itself on a single tile,
+            # else from a pass over q alone (q read twice, the logits once; two passes over both would read the
+            # logits twice), on the split path from the mass partials (each chunk sees only its own columns).
+            if CLASS_WEIGHTS or SINGLE_TILE:
+                a = ones
+            elif SPLIT:
+                a = _split_sample_weight(rw_ptr, rows, row_ok, tl.num_programs(1))
+            else:
+                wq, sq = _mass_sums(q_rows, weight_ptr, row_ok, col_lo, col_hi, CDT, ROWS, BLOCK_C)
+                a = _sample_weight(wq, sq)
+            acc = _dense_one_vs_all_pass(z_rows, q_rows, g_rows, weight_ptr, row_ok, a, scale, gamma, col_lo,
+                                         col_hi, tf, CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, CLASS_WEIGHTS,
+                                         SINGLE_TILE and not CLASS_WEIGHTS, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN,
+                                         ROWS, BLOCK_C)
+            if SPLIT:
+                tl.store(ws_rows, acc, mask=row_ok)
+            else:
+                tl.store(loss_ptr + rows, acc, mask=row_ok)
+    else:
+        row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
+            target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+            CDT)
+        m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
+            margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, CDT,
+            HAS_MARGIN, HAS_SCALE)
+        tf = (offset_ptr, m_y, cap, inv_cap, lscale)
+        tf_tile = _tile_tf(tf)
+        scale = scale * lscale  # dz'/dz = lscale (times sech^2 with softcap): folded into every row coefficient
+        z_rows = logits_ptr + rows * stride_z
+        g_rows = grad_ptr + rows * stride_g
+        if SPLIT:
+            cols_per_split = _aligned(cols_per_split, BLOCK_C)  # a whole number of tiles: aligned chunk starts
+            col_lo = tl.program_id(1) * cols_per_split
+            col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+            ws_rows = ws_ptr + (rows * tl.num_programs(1) + tl.program_id(1)) * 4
+        else:
+            col_lo = 0
+            col_hi = n_cols
+
+        if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+            zy, _ = _transform(_load_z(z_rows, y, hit, CDT), y, hit, hit, tf, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
+            if SINGLE_TILE:
+                cols = tl.arange(0, BLOCK_C)
+                col_ok = cols < n_cols
+                mask = row_ok[:, None] & col_ok[None, :]
+                is_t = cols[None, :] == y[:, None]
+                # The softcap's factor dz stays in registers with the tile: the logits may be overwritten below.
+                z, dz = _transform(_load_z(z_rows[:, None], cols[None, :], mask, CDT), cols[None, :], col_ok[None, :],
+                                   is_t, tf_tile, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)
+                m = tl.max(tl.where(mask, z, float("-inf")), axis=1)
+                e = tl.where(mask, _exp(z - _finite_or_zero(m)[:, None]), 0.0)
+                so = tl.sum(tl.where(is_t, 0.0, e), axis=1)
+                if HAS_SMOOTHING:
+                    sz = tl.sum(z, axis=1)
+                else:
+                    sz = so
                 loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
-                    m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE,
-                    HAS_SMOOTHING, HAS_ZLOSS)
+                    m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
+                    HAS_ZLOSS)
                 tl.store(loss_ptr + rows, loss, mask=row_ok)
                 if HAS_ZLOSS:
                     tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
                 if HAS_GRAD:
-                    _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, kz, valid, eps, n_cols,
-                                       col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP,
-                                       HAS_OFFSET, HAS_MARGIN, BLOCK_C)
-    else:
-        coef = tl.where(valid, a * scale, 0.0)
-        acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi, tf_tile,
-                               CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS,
-                               BLOCK_C)
-        if SPLIT:
-            tl.store(ws_rows, acc, mask=row_ok)
+                    g = _softmax_grad(e * _div_rn(1.0, s)[:, None], is_t, coef, valid, eps, n_cols, one_minus_p, kz,
+                                      HAS_SMOOTHING, HAS_ZLOSS)
+                    _store_grad(g_rows[:, None], cols[None, :], g, dz, valid[:, None], mask, HAS_SOFTCAP)
+            else:
+                m, so, sz = _softmax_stats(z_rows, row_ok, y, col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING,
+                                           HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS, BLOCK_C)
+                if SPLIT:
+                    tl.store(ws_rows, m, mask=row_ok)
+                    tl.store(ws_rows + 1, so, mask=row_ok)
+                    tl.store(ws_rows + 2, sz, mask=row_ok)
+                    tl.store(ws_rows + 3, zy, mask=row_ok)
+                else:
+                    loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
+                        m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE,
+                        HAS_SMOOTHING, HAS_ZLOSS)
+                    tl.store(loss_ptr + rows, loss, mask=row_ok)
+                    if HAS_ZLOSS:
+                        tl.store(zrows_ptr + rows, z_term, mask=row_ok & _per_row(rows, store_z))
+                    if HAS_GRAD:
+                        _softmax_grad_pass(z_rows, g_rows, row_ok, y, m, s, one_minus_p, coef, kz, valid, eps, n_cols,
+                                           col_lo, col_hi, tf_tile, CDT, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP,
+                                           HAS_OFFSET, HAS_MARGIN, BLOCK_C)
         else:
-            tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)
+            coef = tl.where(valid, a * scale, 0.0)
+            acc = _one_vs_all_pass(z_rows, g_rows, row_ok, y, valid, coef, gamma, col_lo, col_hi, tf_tile,
+                                   CDT, LOSS_TYPE, GAMMA_CASE, HAS_GRAD, HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, ROWS,
+                                   BLOCK_C)
+            if SPLIT:
+                tl.store(ws_rows, acc, mask=row_ok)
+            else:
+                tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)
 
 
 @jit
@@ -573,15 +1006,18 @@ def cb_loss_split_finish_kernel(
     logits_ptr, target_ptr, weight_ptr, scale_ptr, loss_ptr, grad_ptr, ws_ptr, offset_ptr, margin_ptr, zrows_ptr,
     n_rows, n_cols, stride_z, stride_g, cols_per_split, n_splits,
     ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
-    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z,
+    cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo, store_z, stride_q, rw_ptr,
     LOSS_TYPE: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_GRAD: tl.constexpr,
     MAX_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_ZLOSS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DENSE: tl.constexpr = False, CLASS_WEIGHTS: tl.constexpr = False,
+    FOCAL_SUMS: tl.constexpr = False,
 ):
     """Second launch of the split path: program (r, k) combines row r's ``n_splits`` partials in a fixed order,
     then (softmax losses) writes the gradient of chunk k; chunk 0 writes the loss (and the z-loss term). The
-    partials hold transformed statistics (the target logit too); the gradient pass reads its chunk's raw logits."""
+    partials hold transformed statistics (the target logit too); the gradient pass reads its chunk's raw logits.
+    DENSE softmax focal takes one launch more, first, with FOCAL_SUMS: it leaves chunk k's loss and ``S`` partials
+    (which need lse) in the workspace for this launch's gradient. ``rw_ptr`` is cb_loss_kernel's, unused here."""
     CDT: tl.constexpr = loss_ptr.dtype.element_ty
     if ALIGN > 1:
         n_cols = _aligned(n_cols, ALIGN)
@@ -589,41 +1025,106 @@ def cb_loss_split_finish_kernel(
         stride_g = _aligned(stride_g, ALIGN)
     rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)  # int64: see cb_loss_kernel
     split = tl.program_id(1)
-    row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
-        target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
-        CDT)
-    k = tl.arange(0, MAX_SPLITS)
-    kmask = row_ok[:, None] & (k < n_splits)[None, :]
-    parts = ws_ptr + (rows[:, None] * n_splits + k[None, :]) * 4
-    if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
-        m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
-            margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo,
-            CDT, HAS_MARGIN, HAS_SCALE)
-        scale = scale * lscale  # see cb_loss_kernel
-        pm = tl.load(parts, mask=kmask, other=float("-inf"))
-        ps = tl.load(parts + 1, mask=kmask, other=0.0)
-        m = tl.max(pm, axis=1)
-        so = tl.sum(ps * _exp(pm - _finite_or_zero(m)[:, None]), axis=1)
-        if HAS_SMOOTHING:
-            sz = tl.sum(tl.load(parts + 2, mask=kmask, other=0.0), axis=1)
-        else:
-            sz = so
-        zy = tl.load(ws_ptr + rows * n_splits * 4 + 3, mask=row_ok, other=0.0)
-        loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
-            m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
-            HAS_ZLOSS)
-        first = (split + tl.arange(0, 1)) == 0  # a [1] mask: the interpreter rejects a broadcast scalar one
-        tl.store(loss_ptr + rows, loss, mask=row_ok & first)
-        if HAS_ZLOSS:
-            tl.store(zrows_ptr + rows, z_term, mask=row_ok & first & _per_row(rows, store_z))
-        if HAS_GRAD:
-            cols_per_split = _aligned(cols_per_split, BLOCK_C)  # see cb_loss_kernel
+    if DENSE:
+        row_ok, scale, gamma, eps, eps_c = _dense_row_setup(scale_ptr, rows, n_rows, n_cols, gamma_hi, gamma_lo,
+                                                            eps_hi, eps_lo, CDT)
+        k = tl.arange(0, MAX_SPLITS)
+        kmask = row_ok[:, None] & (k < n_splits)[None, :]
+        parts = ws_ptr + (rows[:, None] * n_splits + k[None, :]) * WS_DENSE
+        if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+            margin, cap, inv_cap, lscale, z_loss = _transform_setup(
+                margin_ptr, rows, row_ok, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi,
+                zloss_lo, CDT, HAS_MARGIN, HAS_SCALE, True)
+            tf = (offset_ptr, margin, cap, inv_cap, lscale)
+            scale = scale * lscale
+            if ALIGN > 1:
+                stride_q = _aligned(stride_q, ALIGN)
+            pm = tl.load(parts, mask=kmask, other=float("-inf"))
+            m = tl.max(pm, axis=1)
+            shift = _finite_or_zero(m)
+            # A chunk below the row's max contributes its max logits to the others.
+            ps = tl.load(parts + 1, mask=kmask, other=0.0)
+            pn = tl.load(parts + 2, mask=kmask, other=0.0)
+            top = pm == m[:, None]
+            lse_gap, s, x = _lse_gap(tl.sum(tl.where(top, pn, 0.0), axis=1),
+                                  tl.sum(tl.where(top, ps, (ps + pn) * _exp(pm - shift[:, None])), axis=1))
+            cols_per_split = _aligned(cols_per_split, BLOCK_C)
             col_lo = split * cols_per_split
             col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
-            _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s, one_minus_p,
-                               coef, kz, valid, eps, n_cols, col_lo, col_hi,
-                               _tile_tf((offset_ptr, m_y, cap, inv_cap, lscale)), CDT, HAS_SMOOTHING, HAS_ZLOSS,
-                               HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, BLOCK_C)
+            z_rows = logits_ptr + rows * stride_z
+            q_rows = target_ptr + rows * stride_q
+            if FOCAL_SUMS:
+                loss, big_s = _dense_focal_sums(z_rows, q_rows, weight_ptr, row_ok, shift, lse_gap, gamma, col_lo,
+                                                col_hi, tf, CDT, GAMMA_CASE, CLASS_WEIGHTS, HAS_SOFTCAP, HAS_OFFSET,
+                                                HAS_MARGIN, 1, BLOCK_C)
+                own = ws_ptr + (rows * n_splits + split) * WS_DENSE
+                tl.store(own + 3, loss, mask=row_ok)
+                tl.store(own + 4, big_s, mask=row_ok)
+            else:
+                if CLASS_WEIGHTS:
+                    a = tl.full([1], 1.0, CDT)
+                else:
+                    a = _sample_weight(tl.sum(tl.load(parts + 5, mask=kmask, other=0.0), axis=1),
+                                       tl.sum(tl.load(parts + 6, mask=kmask, other=0.0), axis=1))
+                # Softmax: each chunk's T is relative to its own max; moved up to the row's, every term stays >= 0.
+                # Softmax focal: the middle launch's F and S in the same slots.
+                pk = tl.load(parts + 4, mask=kmask, other=0.0)
+                pt = tl.load(parts + 3, mask=kmask, other=0.0)
+                if LOSS_TYPE == SOFTMAX:
+                    pt += pk * (shift[:, None] - _finite_or_zero(pm))
+                big_k = tl.sum(pk, axis=1)
+                loss = tl.sum(pt, axis=1)
+                if LOSS_TYPE == SOFTMAX:
+                    loss += big_k * lse_gap
+                row, coef, z_term, kz = _dense_row(loss, a, scale, shift, lse_gap, z_loss, HAS_ZLOSS)
+                first = (split + tl.arange(0, 1)) == 0
+                tl.store(loss_ptr + rows, row, mask=row_ok & first)
+                if HAS_ZLOSS:
+                    tl.store(zrows_ptr + rows, z_term, mask=row_ok & first & _per_row(rows, store_z))
+                if HAS_GRAD:
+                    _dense_softmax_grad_pass(z_rows, q_rows, grad_ptr + rows * stride_g, weight_ptr, row_ok, m, s,
+                                             x, lse_gap, big_k, coef, kz, eps, eps_c, gamma, col_lo, col_hi, tf, CDT,
+                                             LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING, CLASS_WEIGHTS, HAS_ZLOSS,
+                                             HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, BLOCK_C)
+        else:
+            # The first launch's partials already carry a_i (and cw_j).
+            tl.store(loss_ptr + rows, tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1), mask=row_ok)
     else:
-        acc = tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1)
-        tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)
+        row_ok, y, valid, hit, a, scale, gamma, eps = _row_setup(
+            target_ptr, weight_ptr, scale_ptr, rows, n_rows, n_cols, ignore_index, gamma_hi, gamma_lo, eps_hi, eps_lo,
+            CDT)
+        k = tl.arange(0, MAX_SPLITS)
+        kmask = row_ok[:, None] & (k < n_splits)[None, :]
+        parts = ws_ptr + (rows[:, None] * n_splits + k[None, :]) * 4
+        if (LOSS_TYPE == SOFTMAX) or (LOSS_TYPE == SOFTMAX_FOCAL):
+            m_y, cap, inv_cap, lscale, z_loss = _transform_setup(
+                margin_ptr, y, hit, cap_hi, cap_lo, inv_cap_hi, inv_cap_lo, lscale_hi, lscale_lo, zloss_hi, zloss_lo,
+                CDT, HAS_MARGIN, HAS_SCALE)
+            scale = scale * lscale  # see cb_loss_kernel
+            pm = tl.load(parts, mask=kmask, other=float("-inf"))
+            ps = tl.load(parts + 1, mask=kmask, other=0.0)
+            m = tl.max(pm, axis=1)
+            so = tl.sum(ps * _exp(pm - _finite_or_zero(m)[:, None]), axis=1)
+            if HAS_SMOOTHING:
+                sz = tl.sum(tl.load(parts + 2, mask=kmask, other=0.0), axis=1)
+            else:
+                sz = so
+            zy = tl.load(ws_ptr + rows * n_splits * 4 + 3, mask=row_ok, other=0.0)
+            loss, coef, s, one_minus_p, z_term, kz = _softmax_row(
+                m, so, sz, zy, a, valid, scale, n_cols, gamma, eps, z_loss, LOSS_TYPE, GAMMA_CASE, HAS_SMOOTHING,
+                HAS_ZLOSS)
+            first = (split + tl.arange(0, 1)) == 0  # a [1] mask: the interpreter rejects a broadcast scalar one
+            tl.store(loss_ptr + rows, loss, mask=row_ok & first)
+            if HAS_ZLOSS:
+                tl.store(zrows_ptr + rows, z_term, mask=row_ok & first & _per_row(rows, store_z))
+            if HAS_GRAD:
+                cols_per_split = _aligned(cols_per_split, BLOCK_C)  # see cb_loss_kernel
+                col_lo = split * cols_per_split
+                col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+                _softmax_grad_pass(logits_ptr + rows * stride_z, grad_ptr + rows * stride_g, row_ok, y, m, s,
+                                   one_minus_p, coef, kz, valid, eps, n_cols, col_lo, col_hi,
+                                   _tile_tf((offset_ptr, m_y, cap, inv_cap, lscale)), CDT, HAS_SMOOTHING, HAS_ZLOSS,
+                                   HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN, BLOCK_C)
+        else:
+            acc = tl.sum(tl.load(parts, mask=kmask, other=0.0), axis=1)
+            tl.store(loss_ptr + rows, tl.where(valid, a * acc, 0.0), mask=row_ok)

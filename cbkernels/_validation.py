@@ -14,7 +14,19 @@ import torch
 from torch import Tensor
 
 from ._backends import BACKEND_NAMES
-from ._opdefs import FOCAL, LOSS_TYPES, NO_TENSORS, REDUCTIONS, SIGMOID, SOFTMAX, LogitTensors, LossSpec
+from ._opdefs import (
+    FOCAL,
+    LOSS_TYPES,
+    NO_TENSORS,
+    REDUCTIONS,
+    SIGMOID,
+    SOFTMAX,
+    WEIGHT_CLASS,
+    WEIGHT_MODES,
+    WEIGHT_SAMPLE,
+    LogitTensors,
+    LossSpec,
+)
 from .weights import check_beta, class_balanced_weights
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -27,7 +39,7 @@ def _number(x) -> bool:
 
 def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_index: int,
               reduction: str, softcap=None, logit_scale: float = 1.0, z_loss: float = 0.0,
-              return_z_loss: bool = False) -> LossSpec:
+              return_z_loss: bool = False, weight_mode: str = "sample") -> LossSpec:
     """The one options object of a call: every option checked here, once, then carried unchanged to the kernels."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
@@ -56,10 +68,12 @@ def loss_spec(loss_type: str, *, gamma: float, label_smoothing: float, ignore_in
         raise TypeError(f"return_z_loss must be a bool, got {type(return_z_loss).__name__}")
     if return_z_loss and one_vs_all:
         raise ValueError(f"return_z_loss applies to the softmax losses only, got loss_type={loss_type!r}")
+    if not isinstance(weight_mode, str) or weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {tuple(WEIGHT_MODES)}, got {weight_mode!r}")
     return LossSpec(loss_type=LOSS_TYPES[loss_type], gamma=float(gamma), label_smoothing=float(label_smoothing),
                     ignore_index=int(ignore_index), reduction=reduction,
                     softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
-                    z_loss=float(z_loss))
+                    z_loss=float(z_loss), weight_mode=WEIGHT_MODES[weight_mode])
 
 
 def class_vector(name: str, v, num_classes: int, device: torch.device) -> Optional[Tensor]:
@@ -99,9 +113,10 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def check_logits_target(logits: Tensor, target: Tensor) -> None:
+def check_logits_target(logits: Tensor, target: Tensor) -> bool:
     """O(1) metadata checks; the target values are checked by the op (IndexError on the CPU, a device assert on a
-    GPU), in the pass that reads them."""
+    GPU), in the pass that reads them. Returns whether ``target`` is dense (SPEC section 9: floating, the logits'
+    shape)."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, Tensor):
@@ -112,8 +127,24 @@ def check_logits_target(logits: Tensor, target: Tensor) -> None:
         raise ValueError("logits must have shape [..., C] with the classes on the last dim, got a 0-d tensor")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits has 0 classes (shape {tuple(logits.shape)}): need C >= 1")
+    if target.is_floating_point():
+        if target.shape == logits.shape[:-1]:
+            raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype} (a floating target "
+                            f"holds per-class targets and has the logits' shape {tuple(logits.shape)}: SPEC section 9)")
+        if target.shape != logits.shape:
+            raise ValueError(f"a floating (dense) target must have the logits' shape {tuple(logits.shape)}, got "
+                             f"{tuple(target.shape)} (class indices need an int64 or int32 target)")
+        if target.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"a dense target must be float32, float16, bfloat16 or float64, got {target.dtype}")
+        if target.device != logits.device:
+            raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError("target requires grad, but the fused kernels give no gradient for it (the gradient is "
+                             "the logits'); pass target.detach()")
+        return True
     if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+        raise TypeError(f"target must hold int64 or int32 class indices, or be a floating [..., C] tensor of "
+                        f"per-class targets (SPEC section 9), got {target.dtype}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(target.shape)}"
@@ -121,6 +152,30 @@ def check_logits_target(logits: Tensor, target: Tensor) -> None:
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     # The values (each target in [0, C) or ignore_index) are checked by the op itself, in the pass that reads them.
+    return False
+
+
+def dense_target(target: Tensor, logits: Tensor) -> Tensor:
+    """A checked dense target as every kernel reads it: the logits' dtype or float32 (another floating dtype is
+    converted to float32: exact for the narrower ones, float32's precision for float64), unit stride along the
+    classes, no autograd history. Its values (``q >= 0``, ``q <= 1`` for the sigmoid losses, no NaN) are checked by
+    the CPU ops; on a GPU they are not (no host sync)."""
+    if target.requires_grad:
+        target = target.detach()
+    if target.dtype != logits.dtype and target.dtype != torch.float32:
+        target = target.float()
+    if target.shape[-1] > 1 and target.stride(-1) != 1:
+        target = target.contiguous()
+    return target
+
+
+def index_class_spec(spec: LossSpec) -> LossSpec:
+    """``weight_mode="class"`` with class-index targets: where it equals ``"sample"`` (the softmax losses without
+    label smoothing: one class term per row) the spec says sample, which every kernel computes; elsewhere it stays
+    class, which only the torch backend computes for index targets (see ``losses._call``)."""
+    if spec.weight_mode == WEIGHT_CLASS and spec.loss_type not in (SIGMOID, FOCAL) and spec.label_smoothing == 0.0:
+        return spec._replace(weight_mode=WEIGHT_SAMPLE)
+    return spec
 
 
 def normalizer_scale(normalizer, reduction: str, device: torch.device, dtype: torch.dtype) -> Optional[Tensor]:

@@ -34,7 +34,18 @@ from torch import Tensor, nn
 
 from . import _validation as V
 from ._backends import get_backend, resolve_backend
-from ._opdefs import FOCAL, NO_TENSORS, SIGMOID, SOFTMAX, SOFTMAX_FOCAL, LogitTensors, LossSpec, loss_dtype
+from ._opdefs import (
+    FOCAL,
+    NO_TENSORS,
+    SIGMOID,
+    SOFTMAX,
+    SOFTMAX_FOCAL,
+    WEIGHT_CLASS,
+    WEIGHT_SAMPLE,
+    LogitTensors,
+    LossSpec,
+    loss_dtype,
+)
 from ._torch_stages import (
     check_targets,
     focal_terms,
@@ -126,9 +137,17 @@ def _check_shard(hidden: Tensor, lm_weight, bias, chunk_size, *, allow_empty: bo
         raise ValueError(f"chunk_size must be an int >= 1 (or None), got {chunk_size!r}")
 
 
-def _check_target(target, hidden: Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_target(target, hidden: Tensor, num_classes: int, ignore_index: int) -> bool:
+    """Checks ``target``; returns whether it is dense (SPEC section 9: floating ``[..., V]``, its values checked by
+    each chunk's op)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() and target.shape != hidden.shape[:-1]:  # (index-shaped: the int check below)
+        if target.shape != (*hidden.shape[:-1], num_classes):
+            raise ValueError(f"a floating (dense) target must have shape hidden.shape[:-1] + (V,) = "
+                             f"{(*hidden.shape[:-1], num_classes)}, got {tuple(target.shape)}")
+        stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(target.shape)
+        return V.check_logits_target(stand_in, target)
     if target.shape != hidden.shape[:-1]:
         raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
@@ -140,6 +159,7 @@ def _check_target(target, hidden: Tensor, num_classes: int, ignore_index: int) -
     stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], num_classes)
     V.check_logits_target(stand_in, target)
     check_targets(target, num_classes, ignore_index)
+    return False
 
 
 def _class_len(samples_per_class, weight) -> int:
@@ -516,6 +536,7 @@ def linear_cb_loss(
     logit_scale: float = 1.0,
     z_loss: float = 0.0,
     return_z_loss: bool = False,
+    weight_mode: str = "sample",
 ):
     """Class-balanced loss of the logits ``hidden @ lm_weight.T + bias``, never materialising them.
 
@@ -528,7 +549,8 @@ def linear_cb_loss(
         lm_weight: ``[V, H]``, same dtype and device as ``hidden`` (``[V_r, H]``, this rank's shard,
             with ``process_group``).
         target: ``hidden.shape[:-1]`` int64 / int32 global class ids; ``ignore_index`` marks rows that
-            count for nothing.
+            count for nothing. Or dense per-class targets ``hidden.shape[:-1] + (V,)`` (SPEC section 9, as in
+            ``class_balanced_loss``; not with ``process_group``), read a chunk of rows at a time.
         samples_per_class, beta, weight: class weights as in ``class_balanced_loss`` (``[V]``).
         bias: optional ``[V]`` (``[V_r]``), same dtype as ``hidden``.
         loss_type, gamma, reduction, ignore_index, label_smoothing: as in ``class_balanced_loss``.
@@ -543,6 +565,7 @@ def linear_cb_loss(
         softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: the logit transforms and the
             z-loss of SPEC sections 10-11, as in ``class_balanced_loss`` (vectors ``[V]``), applied inside each
             chunk's fused kernel. Not with ``process_group``.
+        weight_mode: ``"sample"`` or ``"class"``, as in ``class_balanced_loss``. Not with ``process_group``.
 
     Returns:
         float32 loss (float64 for float64 inputs): ``hidden.shape[:-1]`` for ``reduction="none"``,
@@ -564,22 +587,32 @@ def linear_cb_loss(
     """
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                        reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
-                       return_z_loss=return_z_loss)
+                       return_z_loss=return_z_loss, weight_mode=weight_mode)
     V.check_backend(backend)
     if process_group is not None and (spec.transforms or return_z_loss or logit_offset is not None
                                       or target_margin is not None):
         raise ValueError("linear_cb_loss: the logit transforms and the z-loss are not supported with process_group "
+                         "(the vocabulary-parallel path) yet")
+    if process_group is not None and (spec.weight_mode != WEIGHT_SAMPLE
+                                      or (isinstance(target, Tensor) and target.is_floating_point())):
+        raise ValueError("linear_cb_loss: dense targets and weight_mode='class' are not supported with process_group "
                          "(the vocabulary-parallel path) yet")
     hidden, lm_weight, bias = _autocast_inputs(hidden, lm_weight, bias)
     if process_group is None:
         _check_hidden(hidden)
         _check_shard(hidden, lm_weight, bias, chunk_size)
         vocab = lm_weight.shape[0]
-        _check_target(target, hidden, vocab, spec.ignore_index)
+        dense = _check_target(target, hidden, vocab, spec.ignore_index)
         n_cls = _class_len(samples_per_class, None)
         if n_cls >= 0 and n_cls != vocab:
             raise ValueError(f"samples_per_class has {n_cls} classes but lm_weight has V = {vocab}")
         w = V.class_weights(samples_per_class, weight, beta, vocab, hidden.device)
+        if dense:
+            target = V.dense_target(target, hidden)
+        elif spec.weight_mode == WEIGHT_CLASS:
+            spec = V.index_class_spec(spec)
+            if spec.weight_mode == WEIGHT_CLASS:
+                backend = "torch"  # as class_balanced_loss: class indices weighted per class
         backend_name, shard = resolve_backend(backend, hidden.device).name, None
     else:
         shard, w = _vocab_shard(process_group, hidden, lm_weight, bias, target, samples_per_class, weight, beta,
@@ -591,7 +624,8 @@ def linear_cb_loss(
     tensors = V.logit_tensors(logit_offset, target_margin, vocab, hidden.device)
     cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard, tensors, bool(return_z_loss))
     scale = V.normalizer_scale(normalizer, spec.reduction, hidden.device, loss_dtype(hidden.dtype))
-    loss, z_term = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, target.reshape(n), w,
+    flat_target = target.reshape(n, vocab) if target.is_floating_point() else target.reshape(n)
+    loss, z_term = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, flat_target, w,
                                                cfg, scale)
     if reduction == "none":
         loss, z_term = loss.reshape(lead), z_term.reshape(lead) if return_z_loss else z_term
@@ -610,8 +644,8 @@ class LinearClassBalancedLoss(ReweightMixin, nn.Module):
         loss_type, beta, gamma, reduction, ignore_index, label_smoothing, chunk_size, process_group,
             backend, allow_retain_graph: as in ``linear_cb_loss``.
         normalize, zero_count: as in ``class_balanced_weights``.
-        softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: as in ``linear_cb_loss``; the
-            vectors are kept as buffers.
+        softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss, weight_mode: as in
+            ``linear_cb_loss``; the vectors are kept as buffers.
     """
 
     def __init__(self, samples_per_class, loss_type: str = "softmax", beta: float = 0.999, gamma: float = 0.5,
@@ -620,12 +654,12 @@ class LinearClassBalancedLoss(ReweightMixin, nn.Module):
                  normalize: bool = True, zero_count: str = "error", allow_retain_graph: bool = False,
                  softcap: Optional[float] = None, logit_offset: Optional[Tensor] = None,
                  target_margin: Optional[Tensor] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
-                 return_z_loss: bool = False):
+                 return_z_loss: bool = False, weight_mode: str = "sample"):
         super().__init__()
         # checked now; forward builds the spec from the attributes as they are then
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
-                    return_z_loss=return_z_loss)
+                    return_z_loss=return_z_loss, weight_mode=weight_mode)
         V.check_backend(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
@@ -639,6 +673,7 @@ class LinearClassBalancedLoss(ReweightMixin, nn.Module):
         self.chunk_size, self.process_group, self.backend = chunk_size, process_group, backend
         self.allow_retain_graph = allow_retain_graph
         self.softcap, self.logit_scale, self.z_loss, self.return_z_loss = softcap, logit_scale, z_loss, return_z_loss
+        self.weight_mode = weight_mode
 
     def forward(self, hidden: Tensor, lm_weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                 normalizer=None):
@@ -651,7 +686,8 @@ class LinearClassBalancedLoss(ReweightMixin, nn.Module):
                               logit_offset=getattr(self, "logit_offset", None),
                               target_margin=getattr(self, "target_margin", None),
                               logit_scale=getattr(self, "logit_scale", 1.0), z_loss=getattr(self, "z_loss", 0.0),
-                              return_z_loss=getattr(self, "return_z_loss", False))
+                              return_z_loss=getattr(self, "return_z_loss", False),
+                              weight_mode=getattr(self, "weight_mode", "sample"))
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, num_classes={self.weight.shape[0]}, beta={self.beta}, "

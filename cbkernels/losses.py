@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import _autograd
 from . import _validation as V
 from ._backends import resolve_backend
-from ._opdefs import NO_TENSORS, loss_dtype
+from ._opdefs import NO_TENSORS, WEIGHT_CLASS, loss_dtype
 from .weights import ReweightMixin
 
 
@@ -44,6 +44,7 @@ def class_balanced_loss(
     logit_scale: float = 1.0,
     z_loss: float = 0.0,
     return_z_loss: bool = False,
+    weight_mode: str = "sample",
 ):
     """Class-balanced loss of any ``loss_type`` ("softmax", "sigmoid", "focal", "softmax_focal").
 
@@ -64,27 +65,50 @@ def class_balanced_loss(
     ``z_loss`` (softmax losses, SPEC section 11): adds ``z_loss * lse(z')**2`` per counted row, not weighted by
     ``a_i`` (PaLM). ``return_z_loss=True`` returns ``(loss, z_term)``, ``z_term`` the z-loss part of ``loss`` under
     the same reduction, detached (for logging).
+
+    Dense targets (SPEC section 9): ``target`` may be a floating tensor of the logits' shape holding per-class
+    targets ``q_ij >= 0``: mixup / cutmix probability rows (timm's ``Mixup`` output, label smoothing included) or
+    multi-hot rows for multi-label data. All four losses take them: softmax ``sum_j q'_ij (lse_i - z_ij)``
+    (``q' = (1-eps) q + eps/C``), sigmoid ``sum_j [softplus(z_ij) - q_ij z_ij]``, focal with
+    ``1 - pt = q sigmoid(-z) + (1-q) sigmoid(z)`` (torchvision's form), softmax focal
+    ``sum_j q_ij (1-p_ij)^gamma (lse_i - z_ij)``. ``ignore_index`` does not apply (every row counts in ``"mean"``).
+    float32 or the logits' dtype is read as it is (another floating dtype is converted to float32 first). On the
+    CPU a NaN, a negative value or (sigmoid, focal) a value above 1 raises ``ValueError``; on a GPU the values are
+    not checked (that would be a host sync) and a NaN propagates to its row's loss.
+    ``weight_mode``: ``"sample"`` (the paper) multiplies row i by ``a_i = sum_j w_j q_ij / sum_j q_ij`` (1 for a
+    row without mass; with class indices ``w[y_i]``); ``"class"`` multiplies each class term j by ``w_j`` instead
+    (``F.cross_entropy(weight=w)`` with probability targets, and with class indices and ``label_smoothing``,
+    ``reduction="weighted_mean"``: exactly ``F.cross_entropy(weight=w, label_smoothing=eps)``). ``"weighted_mean"``
+    divides by ``sum_i a_i`` of the sample mode in both. Class indices with ``"class"`` where it differs from
+    ``"sample"`` (sigmoid, focal, label smoothing) are computed by the torch backend.
     """
     spec = V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                        reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
-                       return_z_loss=return_z_loss)
+                       return_z_loss=return_z_loss, weight_mode=weight_mode)
     V.check_backend(backend)
-    _check_tensors(logits, target, inplace_backward)
+    dense = _check_tensors(logits, target, inplace_backward)
     w = V.class_weights(samples_per_class, weight, beta, logits.shape[-1], logits.device)
     tensors = V.logit_tensors(logit_offset, target_margin, logits.shape[-1], logits.device)
-    return _call(logits, target, w, spec, backend, inplace_backward, normalizer, tensors, return_z_loss)
+    return _call(logits, target, w, spec, backend, inplace_backward, normalizer, tensors, return_z_loss, dense)
 
 
-def _check_tensors(logits: Tensor, target: Tensor, inplace_backward: bool) -> None:
-    V.check_logits_target(logits, target)
+def _check_tensors(logits: Tensor, target: Tensor, inplace_backward: bool) -> bool:
+    dense = V.check_logits_target(logits, target)
     if inplace_backward and logits.requires_grad:
         V.check_inplace(logits)
+    return dense
 
 
 def _call(logits: Tensor, target: Tensor, w: Tensor, spec, backend: str, inplace_backward: bool,
-          normalizer, tensors=NO_TENSORS, return_z_loss: bool = False):
+          normalizer, tensors=NO_TENSORS, return_z_loss: bool = False, dense: bool = False):
     """The checked call: the normaliser's scale, the backend, the one differentiable op."""
     scale = V.normalizer_scale(normalizer, spec.reduction, logits.device, loss_dtype(logits.dtype))
+    if dense:
+        target = V.dense_target(target, logits)
+    elif spec.weight_mode == WEIGHT_CLASS:
+        spec = V.index_class_spec(spec)
+        if spec.weight_mode == WEIGHT_CLASS:
+            backend = "torch"  # class indices weighted per class: the torch backend's one-hot rows, a chunk at a time
     return _autograd.class_balanced_loss(logits, target, w, resolve_backend(backend, logits.device), spec,
                                          inplace_backward, scale, tensors, return_z_loss)
 
@@ -93,7 +117,7 @@ def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.9
                              reduction="mean", ignore_index=-100, label_smoothing=0.0,
                              inplace_backward=False, backend="auto", normalizer=None, softcap=None,
                              logit_offset=None, target_margin=None, logit_scale=1.0, z_loss=0.0,
-                             return_z_loss=False):
+                             return_z_loss=False, weight_mode="sample"):
     """Class-balanced softmax cross-entropy ``a_i [(1-eps)(lse_i - z_iy) + eps/C sum_j (lse_i - z_ij)]``.
 
     See ``class_balanced_loss`` for the arguments; SPEC sections 3-5 and 10-11 for the formulas.
@@ -102,13 +126,14 @@ def cb_softmax_cross_entropy(logits, target, samples_per_class=None, *, beta=0.9
                                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                                inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
                                softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
-                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss)
+                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss,
+                               weight_mode=weight_mode)
 
 
 def cb_sigmoid_cross_entropy(logits, target, samples_per_class=None, *, beta=0.999, weight=None,
                              reduction="mean", ignore_index=-100, inplace_backward=False,
                              backend="auto", normalizer=None, softcap=None, logit_offset=None,
-                             target_margin=None, logit_scale=1.0) -> Tensor:
+                             target_margin=None, logit_scale=1.0, weight_mode="sample") -> Tensor:
     """Class-balanced sigmoid cross-entropy ``a_i sum_j [softplus(z_ij) - t_ij z_ij]`` (one-vs-all).
 
     See ``class_balanced_loss`` for the arguments (the z-loss is for the softmax losses).
@@ -117,12 +142,12 @@ def cb_sigmoid_cross_entropy(logits, target, samples_per_class=None, *, beta=0.9
                                reduction=reduction, ignore_index=ignore_index,
                                inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
                                softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
-                               logit_scale=logit_scale)
+                               logit_scale=logit_scale, weight_mode=weight_mode)
 
 
 def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
              reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto", normalizer=None,
-             softcap=None, logit_offset=None, target_margin=None, logit_scale=1.0) -> Tensor:
+             softcap=None, logit_offset=None, target_margin=None, logit_scale=1.0, weight_mode="sample") -> Tensor:
     """The paper's CB_focal: ``a_i sum_j m_ij [softplus(z_ij) - t_ij z_ij]``, sigmoid focal modulator
     ``m_ij = (1-p)^gamma`` on the target and ``p^gamma`` elsewhere, ``p = sigmoid(z_ij)``.
 
@@ -132,13 +157,13 @@ def cb_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, w
                                weight=weight, reduction=reduction, ignore_index=ignore_index,
                                inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
                                softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
-                               logit_scale=logit_scale)
+                               logit_scale=logit_scale, weight_mode=weight_mode)
 
 
 def cb_softmax_focal(logits, target, samples_per_class=None, *, beta=0.999, gamma=0.5, weight=None,
                      reduction="mean", ignore_index=-100, inplace_backward=False, backend="auto",
                      normalizer=None, softcap=None, logit_offset=None, target_margin=None, logit_scale=1.0,
-                     z_loss=0.0, return_z_loss=False):
+                     z_loss=0.0, return_z_loss=False, weight_mode="sample"):
     """Class-balanced softmax focal loss ``a_i (1 - P_i)^gamma (lse_i - z_iy)``, ``P_i = softmax(z_i)_y``.
 
     See ``class_balanced_loss`` for the arguments.
@@ -147,7 +172,8 @@ def cb_softmax_focal(logits, target, samples_per_class=None, *, beta=0.999, gamm
                                gamma=gamma, weight=weight, reduction=reduction, ignore_index=ignore_index,
                                inplace_backward=inplace_backward, backend=backend, normalizer=normalizer,
                                softcap=softcap, logit_offset=logit_offset, target_margin=target_margin,
-                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss)
+                               logit_scale=logit_scale, z_loss=z_loss, return_z_loss=return_z_loss,
+                               weight_mode=weight_mode)
 
 
 def _on(v, device):
@@ -168,6 +194,8 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
         softcap, logit_offset, target_margin, logit_scale, z_loss, return_z_loss: the logit transforms and the
             z-loss, as in ``class_balanced_loss``; the two vectors are kept as buffers (``logit_offset``,
             ``target_margin``, None when not given) that move with the module.
+        weight_mode: ``"sample"`` or ``"class"``, for dense targets (SPEC section 9), as in ``class_balanced_loss``.
+            ``target`` may be class indices or a floating tensor of the logits' shape.
     """
 
     def __init__(self, samples_per_class, loss_type: str = "focal", beta: float = 0.999, gamma: float = 0.5,
@@ -175,12 +203,13 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
                  backend: str = "auto", *, normalize: bool = True, zero_count: str = "error",
                  inplace_backward: bool = False, softcap: Optional[float] = None,
                  logit_offset: Optional[Tensor] = None, target_margin: Optional[Tensor] = None,
-                 logit_scale: float = 1.0, z_loss: float = 0.0, return_z_loss: bool = False):
+                 logit_scale: float = 1.0, z_loss: float = 0.0, return_z_loss: bool = False,
+                 weight_mode: str = "sample"):
         super().__init__()
         # checked now; forward builds the spec from the attributes as they are then
         V.loss_spec(loss_type, gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
                     reduction=reduction, softcap=softcap, logit_scale=logit_scale, z_loss=z_loss,
-                    return_z_loss=return_z_loss)
+                    return_z_loss=return_z_loss, weight_mode=weight_mode)
         V.check_backend(backend)
         self.register_buffer("weight", self._init_counts(samples_per_class, beta, normalize, zero_count))
         c = self.weight.shape[0]
@@ -191,6 +220,7 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
         self.backend, self.inplace_backward = backend, inplace_backward
         self.softcap, self.logit_scale, self.z_loss, self.return_z_loss = softcap, logit_scale, z_loss, return_z_loss
+        self.weight_mode = weight_mode
         self._spec_key = None  # (options) the cached spec was built from; see forward
         self._spec = None
 
@@ -198,22 +228,22 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
         # The spec is rebuilt (and the options checked) only when an option attribute changed since the last call.
         key = (self.loss_type, self.gamma, self.reduction, self.ignore_index, self.label_smoothing, self.backend,
                getattr(self, "softcap", None), getattr(self, "logit_scale", 1.0), getattr(self, "z_loss", 0.0),
-               getattr(self, "return_z_loss", False))
+               getattr(self, "return_z_loss", False), getattr(self, "weight_mode", "sample"))
         if key != getattr(self, "_spec_key", None):  # (absent on a module pickled before it existed)
             spec = V.loss_spec(self.loss_type, gamma=self.gamma, label_smoothing=self.label_smoothing,
                                ignore_index=self.ignore_index, reduction=self.reduction, softcap=key[6],
-                               logit_scale=key[7], z_loss=key[8], return_z_loss=key[9])
+                               logit_scale=key[7], z_loss=key[8], return_z_loss=key[9], weight_mode=key[10])
             V.check_backend(self.backend)
             self._spec, self._spec_key = spec, key
         # The options were checked when the spec was built: the tensors' checks, in class_balanced_loss's order.
-        _check_tensors(logits, target, self.inplace_backward)
+        dense = _check_tensors(logits, target, self.inplace_backward)
         w = V.given_weight(self.weight, logits.shape[-1], logits.device)
         offset, margin = getattr(self, "logit_offset", None), getattr(self, "target_margin", None)
         tensors = NO_TENSORS
         if offset is not None or margin is not None:
             tensors = self._checked_vectors(offset, margin, logits)
         return _call(logits, target, w, self._spec, self.backend, self.inplace_backward, normalizer, tensors,
-                     self._spec_key[9])
+                     self._spec_key[9], dense)
 
     def _checked_vectors(self, offset, margin, logits: Tensor):
         """The buffers as the kernels read them, checked again only after they changed: on a GPU the finiteness
@@ -236,8 +266,9 @@ class ClassBalancedLoss(ReweightMixin, nn.Module):
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("softcap", getattr(self, "softcap", None)),
                                                       ("logit_scale", getattr(self, "logit_scale", 1.0)),
-                                                      ("z_loss", getattr(self, "z_loss", 0.0)))
-                        if v not in (None, 1.0, 0.0))
+                                                      ("z_loss", getattr(self, "z_loss", 0.0)),
+                                                      ("weight_mode", getattr(self, "weight_mode", "sample")))
+                        if v not in (None, 1.0, 0.0, "sample"))
         for name in ("logit_offset", "target_margin"):
             if getattr(self, name, None) is not None:
                 extra += f", {name}=[{self.weight.shape[0]}]"

@@ -36,13 +36,21 @@ def reference_loss(
     logit_scale: float = 1.0,
     z_loss: float = 0.0,
     return_z_loss: bool = False,
+    weight_mode: str = "sample",
 ):
-    """Class-balanced loss (SPEC sections 2-5, 10-11) in the dtype of ``logits``.
+    """Class-balanced loss (SPEC sections 2-5, 9-11) in the dtype of ``logits``.
 
     ``weight`` is the ``[C]`` class weight (ones when None); the per-sample weight is
     ``a_i = weight[target_i]``, 0 for ignored rows. The transforms apply in SPEC section 10's order; with
-    ``return_z_loss`` the result is ``(loss, z_term)``.
+    ``return_z_loss`` the result is ``(loss, z_term)``. A floating ``target`` of the logits' shape is a dense target
+    (SPEC section 9), weighted per ``weight_mode`` ("sample" or "class"); index targets with ``weight_mode="class"``
+    are their one-hot rows (ignored rows: none).
     """
+    if target.is_floating_point() or weight_mode != "sample":
+        return _dense_reference(logits, target, weight, loss_type=loss_type, gamma=gamma, reduction=reduction,
+                                ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                                logit_offset=logit_offset, target_margin=target_margin, logit_scale=logit_scale,
+                                z_loss=z_loss, return_z_loss=return_z_loss, weight_mode=weight_mode)
     c = logits.shape[-1]
     z = logits.reshape(-1, c)
     t = target.reshape(-1).long()
@@ -102,3 +110,66 @@ def _reduce(per: Tensor, valid: Tensor, a: Tensor, reduction: str, shape) -> Ten
         return torch.where(total > 0, per.sum() / torch.where(total > 0, total, 1), 0 * per.sum())
     raise ValueError(f"unknown reduction {reduction!r}")
 
+
+
+def _pow_or_zero(x: Tensor, gamma: float) -> Tensor:
+    """``x ** gamma`` for ``x >= 0``, 0 at ``x == 0`` with a zero (not an infinite) slope there: the loss is flat in
+    that limit, and autograd would form inf * 0."""
+    if gamma == 0:
+        return torch.ones_like(x)
+    safe = torch.where(x > 0, x, torch.ones_like(x))
+    return torch.where(x > 0, safe**gamma, torch.zeros_like(x))
+
+
+def _dense_reference(logits: Tensor, target: Tensor, weight: Optional[Tensor], *, loss_type: str, gamma: float,
+                     reduction: str, ignore_index: int, label_smoothing: float, softcap, logit_offset, target_margin,
+                     logit_scale: float, z_loss: float, return_z_loss: bool, weight_mode: str):
+    """SPEC section 9: per-class probabilities ``q`` (a dense target, or an index target's one-hot rows, ignored
+    rows all zero and not counted)."""
+    if weight_mode not in ("sample", "class"):
+        raise ValueError(f"unknown weight_mode {weight_mode!r}")
+    c = logits.shape[-1]
+    z = logits.reshape(-1, c)
+    if target.is_floating_point():
+        q = target.reshape(-1, c).to(z.dtype)
+        valid = torch.ones(q.shape[0], dtype=torch.bool, device=z.device)
+        out_shape = target.shape[:-1]
+    else:
+        t = target.reshape(-1).long()
+        valid = t != ignore_index
+        q = F.one_hot(torch.where(valid, t, torch.zeros_like(t)), c).to(z.dtype) * valid[:, None]
+        out_shape = target.shape
+    w = torch.ones(c, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+    mass = q.sum(1)
+    # the sample weight: the weights' mean under q, 1 for a row without mass; 0 for an ignored row
+    sample_a = torch.where(mass > 0, (q * w).sum(1) / torch.where(mass > 0, mass, torch.ones_like(mass)), 1.0)
+    sample_a = torch.where(valid, sample_a, torch.zeros_like(sample_a))
+    a = sample_a if weight_mode == "sample" else valid.to(z.dtype)
+    cw = torch.ones_like(w) if weight_mode == "sample" else w
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if logit_offset is not None:
+        z = z + logit_offset.to(z.dtype)
+    if target_margin is not None:
+        z = z - target_margin.to(z.dtype)[None, :] * q
+    z = z * logit_scale
+
+    lse = torch.logsumexp(z, dim=1)
+    if loss_type == "softmax":
+        qs = (1 - label_smoothing) * q + label_smoothing / c
+        per = (cw * qs * (lse[:, None] - z)).sum(1)
+    elif loss_type == "sigmoid":
+        per = (cw * (_softplus(z) - q * z)).sum(1)
+    elif loss_type == "focal":
+        one_minus_pt = q * torch.sigmoid(-z) + (1 - q) * torch.sigmoid(z)  # torchvision / mmdet
+        per = (cw * _pow_or_zero(one_minus_pt, gamma) * (_softplus(z) - q * z)).sum(1)
+    elif loss_type == "softmax_focal":
+        nll = lse[:, None] - z
+        per = (cw * q * _pow_or_zero(-torch.expm1(-nll), gamma) * nll).sum(1)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    zero = torch.zeros((), dtype=per.dtype, device=per.device)
+    zrows = torch.where(valid, z_loss * lse**2, zero) if z_loss else torch.zeros_like(per)
+    per = torch.where(valid, a * per, zero) + zrows
+    loss = _reduce(per, valid, sample_a, reduction, out_shape)
+    return (loss, _reduce(zrows, valid, sample_a, reduction, out_shape).detach()) if return_z_loss else loss

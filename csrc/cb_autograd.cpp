@@ -31,8 +31,8 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                    const OptTensor&, int64_t, double, double, int64_t, bool,
-                                                   c10::string_view, double, double, double, const OptTensor&,
-                                                   const OptTensor&, const OptTensor&);
+                                                   c10::string_view, double, double, double, int64_t,
+                                                   const OptTensor&, const OptTensor&, const OptTensor&);
 
 // The loss options after the tensors, as cb_loss takes them (cbkernels/_opdefs.py's LossSpec, then the vectors).
 struct Options {
@@ -44,6 +44,7 @@ struct Options {
   double softcap;
   double logit_scale;
   double z_loss;
+  int64_t weight_mode;
   OptTensor logit_offset;
   OptTensor target_margin;
 };
@@ -54,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fwd(const at::Tensor& logits, const at::
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("cbkernels::cb_loss_fwd", "").typed<FwdSig>();
   return op.call(logits, target, weight, scale, o.loss_type, o.gamma, o.label_smoothing, o.ignore_index, compute_grad,
-                 o.reduction, o.softcap, o.logit_scale, o.z_loss, o.logit_offset, o.target_margin, std::nullopt);
+                 o.reduction, o.softcap, o.logit_scale, o.z_loss, o.weight_mode, o.logit_offset, o.target_margin,
+                 std::nullopt);
 }
 
 constexpr const char* kNoDoubleBackward =
@@ -103,11 +105,12 @@ class CBLoss : public torch::autograd::Function<CBLoss> {
 at::Tensor cb_loss_autograd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                             const OptTensor& scale, int64_t loss_type, double gamma, double label_smoothing,
                             int64_t ignore_index, c10::string_view reduction, double softcap, double logit_scale,
-                            double z_loss, const OptTensor& logit_offset, const OptTensor& target_margin) {
+                            double z_loss, int64_t weight_mode, const OptTensor& logit_offset,
+                            const OptTensor& target_margin) {
   // Whether backward can reach the logits (autograd runs forward with grad mode off: decided here).
   const bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
   const Options options{loss_type, gamma,  label_smoothing, ignore_index, std::string(reduction),
-                        softcap,   logit_scale, z_loss, logit_offset, target_margin};
+                        softcap,   logit_scale, z_loss, weight_mode, logit_offset, target_margin};
   return CBLoss::apply(logits, target, weight, scale, options, want_grad);
 }
 
@@ -115,9 +118,10 @@ at::Tensor cb_loss_autograd(const at::Tensor& logits, const at::Tensor& target, 
 at::Tensor cb_loss_no_grad(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                            const OptTensor& scale, int64_t loss_type, double gamma, double label_smoothing,
                            int64_t ignore_index, c10::string_view reduction, double softcap, double logit_scale,
-                           double z_loss, const OptTensor& logit_offset, const OptTensor& target_margin) {
+                           double z_loss, int64_t weight_mode, const OptTensor& logit_offset,
+                           const OptTensor& target_margin) {
   const Options options{loss_type, gamma,  label_smoothing, ignore_index, std::string(reduction),
-                        softcap,   logit_scale, z_loss, logit_offset, target_margin};
+                        softcap,   logit_scale, z_loss, weight_mode, logit_offset, target_margin};
   return std::get<0>(loss_fwd(logits, target, weight, scale, options, false));
 }
 

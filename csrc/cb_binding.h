@@ -133,10 +133,18 @@ inline void check_inputs(const OpArgs& args, c10::DeviceType device) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be [N, C], got ", logits.sizes());
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits need C >= 1 classes");
   (void)to_dtype(args, logits.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must be [N] = [", logits.size(0),
-              "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-              ": target must be int64 or int32, got ", target.scalar_type());
+  if (at::isFloatingType(target.scalar_type())) {  // dense targets (SPEC section 9)
+    TORCH_CHECK(target.sizes() == logits.sizes(), op, ": a floating target must have the logits' shape [N, C] = ",
+                logits.sizes(), ", got ", target.sizes());
+    (void)to_dtype(args, target.scalar_type());
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must be [N] = [",
+                logits.size(0), "], got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                ": target must be int64 or int32 class indices, or floating [N, C], got ", target.scalar_type());
+  }
+  const int64_t weight_mode = args.to_int("weight_mode");
+  TORCH_CHECK(weight_mode == kWeightSample || weight_mode == kWeightClass, op, ": unknown weight_mode ", weight_mode);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == logits.size(1) && weight.scalar_type() == at::kFloat, op,
               ": weight must be float32 [C] = [", logits.size(1), "], got ", weight.scalar_type(), " ",
               weight.sizes());
@@ -208,7 +216,21 @@ struct HeldTensors {
 // held here that the launch fills (for "none" and "sum" it is 1: no tensor, no work).
 inline void set_params(CBLossParams& p, HeldTensors& held, const OpArgs& args, const at::Tensor& z,
                        const at::Tensor& loss, const at::Tensor* grad, const at::Tensor* reduced) {
-  held.target = args.tensor("target").contiguous();
+  const at::Tensor& target = args.tensor("target");
+  p.dense_target = at::isFloatingType(target.scalar_type());
+  if (p.dense_target) {
+    // The kernels read q in the logits' type or in float32 (exact for every narrower type; float64 q with float
+    // narrower logits is rounded to float32 here, the precision the kernels compute in).
+    held.target = target.scalar_type() == z.scalar_type() ? target : target.to(at::kFloat);
+    if (!rows_ok(held.target)) held.target = held.target.contiguous();
+    p.target_dtype = to_dtype(args, held.target.scalar_type());
+    p.target_row_stride = held.target.stride(0);
+  } else {
+    held.target = target.contiguous();
+    p.target_dtype = Dtype::kFloat;  // unused
+    p.target_row_stride = 0;
+  }
+  p.weight_mode = static_cast<int>(args.to_int("weight_mode"));
   held.weight = args.tensor("weight").contiguous();
   p.reduction = reduction_code(args);
   p.compute_scale = args["scale"].isNone() && (p.reduction == kMean || p.reduction == kWeightedMean);

@@ -61,7 +61,18 @@ struct CBLossParams {
   double softcap;             // c > 0, 0 for none
   double logit_scale;         // s > 0, 1 for none
   double z_loss;              // >= 0, softmax losses only
+  // Dense targets (SPEC section 9), appended last too. With dense_target, `target` is [num_rows, num_classes]
+  // probabilities / multi-hot rows q_ij >= 0 of type target_dtype (the logits' Dtype or kFloat), unit stride along
+  // the classes; there is no ignore_index (every row counts) and the margin is m_j q_ij.
+  bool dense_target;
+  Dtype target_dtype;
+  int64_t target_row_stride;  // in elements (dense targets)
+  // kWeightSample: row i times a_i = sum_j w_j q_ij / sum_j q_ij (1 without mass; index targets w[y_i]);
+  // kWeightClass: each class term j times w_j. "weighted_mean" divides by the sample weights' sum in both modes.
+  int weight_mode;
 };
+
+enum WeightMode : int { kWeightSample = 0, kWeightClass = 1 };
 
 // The reduction's normaliser from the valid-row count and sum_i a_i (SPEC section 5).
 template <typename A>

@@ -38,6 +38,38 @@ def make_inputs(n, c, dtype=torch.float32, *, ignore_frac=0.2, seed=0, scale=3.0
     return logits.to(device), target.to(target_dtype).to(device), counts
 
 
+def make_dense(n, c, kind="mixed", *, seed=0, dtype=torch.float32, device="cpu"):
+    """Dense targets ``[n, c]`` (SPEC section 9). ``"mixup"``: ``lam onehot(a) + (1 - lam) onehot(b)``;
+    ``"timm"``: the same with label smoothing 0.1 folded in as timm's ``Mixup`` does (off = 0.1 / C); ``"soft"``:
+    softmax rows; ``"multihot"``: 0/1 rows with about a third positive; ``"mixed"``: the rows cycle through mixup,
+    soft, multi-hot, all-zero and one-hot rows (with C = 1 every row is 0 or 1)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, c, (n,), generator=g)
+    b = torch.randint(0, c, (n,), generator=g)
+    lam = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    eye = torch.eye(c, dtype=torch.float64)
+    mix = lam * eye[a] + (1 - lam) * eye[b]
+    if kind == "mixup":
+        q = mix
+    elif kind == "timm":
+        off = 0.1 / c
+        on = 1.0 - 0.1 + off
+        q = lam * (eye[a] * (on - off) + off) + (1 - lam) * (eye[b] * (on - off) + off)
+    elif kind == "soft":
+        q = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 2, 1)
+    elif kind == "multihot":
+        q = (torch.rand(n, c, generator=g, dtype=torch.float64) < 0.33).double()
+    elif kind == "mixed":
+        soft = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 2, 1)
+        hot = (torch.rand(n, c, generator=g, dtype=torch.float64) < 0.33).double()
+        rows = torch.arange(n).remainder(5)[:, None]
+        q = torch.where(rows == 0, mix, torch.where(rows == 1, soft, torch.where(rows == 2, hot, torch.where(
+            rows == 3, torch.zeros_like(mix), eye[a]))))
+    else:
+        raise ValueError(kind)
+    return q.to(dtype).to(device)
+
+
 def oracle(logits, target, weight, **kw):
     """Float64 reference loss and d(loss)/d(logits) (summed with a fixed upstream for 'none')."""
     z = logits.detach().double().requires_grad_(True)

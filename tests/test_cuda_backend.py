@@ -497,7 +497,7 @@ def test_transforms_every_kernel_path(loss_type, gamma, eps, dtype):
                 try:
                     loss, grad = torch.ops.cbkernels._cb_loss_fwd_cuda_forced_plan(
                         z, target, w, scale, LOSS_IDS[loss_type], gamma, eps, -100, True, path, tpr, splits, "none",
-                        tf.get("softcap", 0.0), tf.get("logit_scale", 1.0), tf.get("z_loss", 0.0),
+                        tf.get("softcap", 0.0), tf.get("logit_scale", 1.0), tf.get("z_loss", 0.0), 0,
                         tf.get("logit_offset"), tf.get("target_margin"), z_rows)
                 except RuntimeError as e:  # the forced shape cannot hold this row
                     assert "invalid argument" in str(e)
@@ -529,8 +529,185 @@ def test_transforms_in_place_and_large_logits(loss_type, dtype):
         ref_loss, ref_grad, _ = _transform_reference(logits, target, w, scale, loss_type, 0.5, 0.0, **tf)
         out = logits.clone()
         loss = torch.ops.cbkernels.cb_loss_fwd_inplace(out, target, w, scale, LOSS_IDS[loss_type], 0.5, 0.0, -100,
-                                                       "none", tf["softcap"], 1.0, tf["z_loss"], tf["logit_offset"],
-                                                       tf["target_margin"], None)
+                                                       "none", tf["softcap"], 1.0, tf["z_loss"], 0,
+                                                       tf["logit_offset"], tf["target_margin"], None)
         assert torch.isfinite(loss).all() and torch.isfinite(out).all()
         _close_to_float64(loss.cpu(), out.cpu(), ref_loss, ref_grad, dtype, f"{n}x{c} in place")
         assert out[0, 3] == 0 and out[1, 4] == 0
+
+
+# ------------------------------------------------------------------------------------------ dense targets
+
+
+WEIGHT_MODES = {"sample": 0, "class": 1}
+
+
+def _dense_targets(n, c, seed, dtype=torch.float32):
+    """q [N, C] on the device: soft (a random distribution), mixup (two classes), multi-hot, all-zero and one-hot
+    rows in turn (SPEC section 9)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            p = torch.rand(c, generator=g, dtype=torch.float64) ** 3
+            q[i] = p / p.sum()
+        elif kind == 1:
+            a, b = torch.randint(0, c, (2,), generator=g).tolist()
+            lam = torch.rand((), generator=g, dtype=torch.float64).item()
+            q[i, a] += lam
+            q[i, b] += 1 - lam
+        elif kind == 2:
+            q[i] = (torch.rand(c, generator=g) < 0.3).double()
+        elif kind == 4:
+            q[i, torch.randint(0, c, (), generator=g)] = 1.0
+    return q.to(dtype).to(DEV)
+
+
+def _dense_reference(logits, q, weight, scale, loss_type, gamma, eps, mode, reduction="none", **tf):
+    """The loss under ``reduction``, scale * dl/dz (raw logits) and the z-loss terms, float64 reference, by autograd."""
+    from cbkernels.reference import reference_loss
+
+    z = logits.detach().double().cpu().requires_grad_(True)
+    kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in tf.items() if v is not None}
+    loss, z_term = reference_loss(z, q.double().cpu(), weight.double().cpu(), loss_type=loss_type, gamma=gamma,
+                                  label_smoothing=eps, reduction=reduction, weight_mode=mode, return_z_loss=True, **kw)
+    (grad,) = torch.autograd.grad(loss.sum() * float(scale), z)
+    return loss.detach(), grad, z_term
+
+
+def _dense_close(loss, grad, ref_loss, ref_grad, dtype, what, zmax=0.0):
+    """_close_to_float64; with transforms an element may also be off by 2^-22 |z'| relative (z' is rounded to float32,
+    and p_j = exp(z'_j - lse) turns that absolute error into a relative one; multi-hot rows make T p_j large)."""
+    grad = grad.double()
+    if zmax and dtype != torch.float64:
+        loose = ref_grad.abs() * (2.0**-22 * zmax)
+        grad = torch.where((grad - ref_grad).abs() <= loose, ref_grad, grad)
+    _close_to_float64(loss, grad, ref_loss, ref_grad, dtype, what)
+
+
+def _dense_zmax(logits, q, tf):
+    if not tf:
+        return 0.0
+    z = logits.double().cpu()
+    z = tf["softcap"] * torch.tanh(z / tf["softcap"]) + tf["logit_offset"].double().cpu()
+    z = z - tf["target_margin"].double().cpu() * q.double().cpu()
+    return (z * tf["logit_scale"]).abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["sample", "class"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type,gamma,eps", [("softmax", 0.0, 0.1), ("sigmoid", 0.0, 0.0), ("focal", 2.0, 0.0),
+                                                 ("focal", 1.7, 0.0), ("softmax_focal", 1.7, 0.0)])
+def test_dense_targets_every_kernel_path(loss_type, gamma, eps, dtype, mode):
+    # Soft, mixup, multi-hot, all-zero and one-hot rows on every forced kernel shape, without and with every
+    # transform (the margin m_j q_ij) and the z-loss, targets in float32 and in the logits' dtype.
+    ran = 0
+    for n, c in ((9, 1), (13, 7), (6, 423), (2, 1025)):
+        g = torch.Generator().manual_seed(n * c)
+        z = _misaligned_rows((torch.randn(n, c, generator=g, dtype=torch.float64) * 3).to(dtype).to(DEV))
+        w = (torch.rand(c, generator=g) + 0.5).to(DEV)
+        scale = torch.tensor(0.7, device=DEV)
+        for transforms in (False, True):
+            q = _dense_targets(n, c, n * c, dtype if transforms else torch.float32)
+            tf = _transform_sets(c, loss_type)[-1] if transforms else {}
+            ref_loss, ref_grad, ref_z = _dense_reference(z, q, w, scale, loss_type, gamma, eps, mode, **tf)
+            for path, tpr, splits in PLANS:
+                z_rows = torch.full((n,), float("nan"), dtype=scale.dtype, device=DEV)
+                try:
+                    loss, grad = torch.ops.cbkernels._cb_loss_fwd_cuda_forced_plan(
+                        z, q, w, scale, LOSS_IDS[loss_type], gamma, eps, -100, True, path, tpr, splits, "none",
+                        tf.get("softcap", 0.0), tf.get("logit_scale", 1.0), tf.get("z_loss", 0.0),
+                        WEIGHT_MODES[mode], tf.get("logit_offset"), tf.get("target_margin"), z_rows)
+                except RuntimeError as e:  # the forced shape cannot hold this row
+                    assert "invalid argument" in str(e)
+                    continue
+                what = f"{n}x{c} {sorted(tf)} plan {(path, tpr, splits)}"
+                _dense_close(loss.cpu(), grad.cpu(), ref_loss, ref_grad, dtype, what, _dense_zmax(z, q, tf))
+                torch.testing.assert_close(z_rows.double().cpu(), ref_z, rtol=1e-5, atol=1e-6, msg=what)
+                ran += 1
+    assert ran >= 60
+
+
+def _dense_normaliser(q, w, reduction):
+    """s of the reduction for dense targets: 1/N, or 1 / sum_i a_i of the sample weights (SPEC section 9)."""
+    if reduction == "mean":
+        return 1.0 / q.shape[0]
+    if reduction == "weighted_mean":
+        q, w = q.double().cpu(), w.double().cpu()
+        mass = q.sum(1)
+        a = torch.where(mass > 0, (q * w).sum(1) / torch.where(mass > 0, mass, 1.0), 1.0)
+        return 1.0 / a.sum().item()
+    return 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["softmax", "sigmoid", "focal", "softmax_focal"])
+def test_dense_targets_realistic_shapes_reductions_and_in_place(loss_type, dtype, reduction):
+    # The launch's own normaliser (1/N; 1 / sum_i a_i of the sample weights in both modes), a long split row, and in
+    # place matching out of place bit for bit.
+    gamma, eps = (1.7, 0.0) if "focal" in loss_type else (0.0, 0.1 if loss_type == "softmax" else 0.0)
+    for n, c in ((256, 8142), (3, 100000)):
+        g = torch.Generator().manual_seed(c)
+        z = (torch.randn(n, c, generator=g) * 3).to(dtype).to(DEV)
+        q = _dense_targets(n, c, c)
+        w = (torch.rand(c, generator=g) + 0.5).to(DEV)
+        s = _dense_normaliser(q, w, reduction)
+        for mode in ("sample", "class"):
+            rows, ref_grad, _ = _dense_reference(z, q, w, s, loss_type, gamma, eps, mode)
+            ref = rows.sum() * s
+            args = (q, w, None, LOSS_IDS[loss_type], gamma, eps, -100)
+            trailing = (reduction, 0.0, 1.0, 0.0, WEIGHT_MODES[mode], None, None, None)
+            loss, grad = torch.ops.cbkernels.cb_loss_fwd(z, *args, True, *trailing)
+            what = f"{n}x{c} {mode} {reduction}"
+            assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item(), what)
+            _close_to_float64(ref.new_zeros(1), grad.cpu(), ref.new_zeros(1), ref_grad, dtype, what)
+            out = z.clone()
+            loss_in_place = torch.ops.cbkernels.cb_loss_fwd_inplace(out, *args, *trailing)
+            assert torch.equal(loss_in_place, loss) and torch.equal(out, grad), what
+
+
+@pytest.mark.parametrize("loss_type,gamma", [("softmax", 0.0), ("sigmoid", 0.0), ("focal", 2.0), ("focal", 1.7),
+                                             ("softmax_focal", 1.7)])
+def test_dense_one_hot_matches_index_targets(loss_type, gamma):
+    # Index targets are the special case q = one-hot (SPEC section 9): the same losses to float rounding.
+    for n, c in ((64, 1000), (4, 100000)):
+        logits, target, counts = make_inputs(n, c, seed=c, device=DEV)
+        w = cb.class_balanced_weights(counts).to(DEV)
+        q = torch.nn.functional.one_hot(target, c).float()
+        scale = torch.tensor(0.5, device=DEV)
+        index_loss, index_grad = torch.ops.cbkernels.cb_loss_fwd(logits, target, w, scale, LOSS_IDS[loss_type], gamma,
+                                                                 0.0, -100, True)
+        loss, grad = torch.ops.cbkernels.cb_loss_fwd(logits, q, w, scale, LOSS_IDS[loss_type], gamma, 0.0, -100, True)
+        torch.testing.assert_close(loss, index_loss, rtol=2e-6, atol=0)
+        torch.testing.assert_close(grad, index_grad, rtol=1e-5, atol=1e-6 * index_grad.abs().max().item())
+
+
+def test_dense_targets_cuda_graph_capture_and_replay():
+    # The dense launches (the row weights, the normaliser, split rows) queue without a host sync: captured once,
+    # replayed on new targets, equal to eager bit for bit.
+    n, c = 4, 200000
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(n, c, generator=g).to(DEV)
+    q = _dense_targets(n, c, 5)
+    w = (torch.rand(c, generator=g) + 0.5).to(DEV)
+
+    def step():
+        return torch.ops.cbkernels.cb_loss_fwd(z, q, w, None, LOSS_IDS["focal"], 2.0, 0.0, -100, True,
+                                               "weighted_mean", 0.0, 1.0, 0.0, WEIGHT_MODES["sample"], None, None,
+                                               None)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_grad = step()
+    for seed in (6, 7):
+        q.copy_(_dense_targets(n, c, seed))
+        graph.replay()
+        loss, grad = step()
+        assert torch.equal(static_loss, loss) and torch.equal(static_grad, grad)

@@ -10,9 +10,11 @@ spills or call frames here). ``align`` is the ALIGN constexpr: the
 elements per vector access the host proved possible (16 bytes' worth when C and row strides allow, 2 for even C such
 as 8142, else 1).
 
-Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--jobs N]``. ``--quick``
-compiles only the covering subset: per dtype and tile shape, the variants with the most live values (the full set is
-the default). ``--only-transforms``: only the variants with logit transforms or z-loss (``transform_variants``).
+Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--only-dense] [--jobs N]``.
+``--quick`` compiles only the covering subset: per dtype and tile shape, the variants with the most live values (the
+full set is the default). ``--only-transforms``: only the variants with logit transforms or z-loss
+(``transform_variants``); ``--only-dense``: only the dense-target ones (``dense_variants``, and the normaliser's
+mass kernels).
 Compiled kernels are cached by Triton (``~/.triton/cache``), so a second run is fast.
 """
 
@@ -46,7 +48,11 @@ def _has_transforms(v: dict) -> bool:
     return any(v["constexprs"].get(f) for f in TRANSFORM_FLAGS)
 
 
-def triton_variants(quick: bool, only_transforms: bool = False) -> list:
+def _is_dense(v: dict) -> bool:
+    return bool(v["constexprs"].get("DENSE")) or v["kernel"].startswith("mass_")
+
+
+def triton_variants(quick: bool, only_transforms: bool = False, only_dense: bool = False) -> list:
     """Every launchable variant, or a covering subset: per dtype, the variants with the most live values
     (softmax focal and focal with a general gamma, smoothed softmax, with the gradient) on the tile shapes with the
     most registers (most rows per program, largest single tile, loop, split, split-finish), and focal for the
@@ -54,6 +60,9 @@ def triton_variants(quick: bool, only_transforms: bool = False) -> list:
     from cbkernels._triton import launch_variants
 
     variants = list(launch_variants())
+    if only_dense:
+        # A covering set already (dense_variants): --quick keeps all of it.
+        return [v for v in variants + list(_small_kernel_variants()) if _is_dense(v)]
     if only_transforms:
         variants = [v for v in variants if _has_transforms(v)]
         return variants if not quick else [v for v in variants if _every_transform(v)]
@@ -70,6 +79,9 @@ def triton_variants(quick: bool, only_transforms: bool = False) -> list:
     keep = []
     for v in variants:
         c, dtype = v["constexprs"], v["dtype"]
+        if c.get("DENSE"):
+            keep.append(v)  # a covering set already (dense_variants)
+            continue
         if not c["HAS_GRAD"] or (c["LOSS_TYPE"], c["GAMMA_CASE"], c["HAS_SMOOTHING"]) not in heavy:
             continue
         if _has_transforms(v):  # the transform set is itself a covering set: its heaviest part
@@ -110,9 +122,10 @@ def _small_kernel_variants():
     return [*_grad_scale.launch_variants(), *_triton_reduce.launch_variants()]
 
 
-def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
+def _signature(kernel_name: str, dtype: str, align: int, target: str = "i64") -> tuple:
+    """The loss kernels' signature; ``target``: the target's element type (a dense target's: the logits' or fp32)."""
     cdt = "fp64" if dtype == "fp64" else "fp32"
-    sig = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
+    sig = {"logits_ptr": f"*{dtype}", "target_ptr": f"*{target}", "weight_ptr": "*fp32", "scale_ptr": f"*{cdt}",
            "loss_ptr": f"*{cdt}", "grad_ptr": f"*{dtype}", "ws_ptr": f"*{cdt}", "offset_ptr": "*fp32",
            "margin_ptr": "*fp32", "zrows_ptr": f"*{cdt}",
            "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "stride_g": "i32", "cols_per_split": "i32"}
@@ -122,12 +135,13 @@ def _signature(kernel_name: str, dtype: str, align: int) -> tuple:
     sig.update({name: "fp32" for name in ("cap_hi", "cap_lo", "inv_cap_hi", "inv_cap_lo", "lscale_hi", "lscale_lo",
                                           "zloss_hi", "zloss_lo")})
     sig["store_z"] = "i32"
+    sig.update({"stride_q": "i32", "rw_ptr": f"*{cdt}"})
     # What the JIT specialises on: tensors from the caching allocator are 16-byte aligned; a full-width ALIGN is
     # compiled as for C and row strides that are multiples of 16 (vocabulary sizes such as 32000 or 128256).
     divisible = ["logits_ptr", "target_ptr", "weight_ptr", "scale_ptr", "loss_ptr", "grad_ptr", "ws_ptr",
-                 "offset_ptr", "margin_ptr", "zrows_ptr"]
+                 "offset_ptr", "margin_ptr", "zrows_ptr", "rw_ptr"]
     if align == VEC[dtype]:
-        divisible += ["n_cols", "stride_z", "stride_g", "cols_per_split"]
+        divisible += ["n_cols", "stride_z", "stride_g", "cols_per_split", "stride_q"]
     return sig, divisible
 
 
@@ -172,11 +186,16 @@ def _compile(kernel, variant: dict, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    consts = variant["constexprs"]
+    consts = dict(variant["constexprs"])
+    # Constexprs a variant leaves out hold their defaults (DENSE and its flags, off), as in the dispatcher's launches.
+    for p in kernel.params:
+        if p.is_constexpr and p.name not in consts and p._param.default is not p._param.empty:
+            consts[p.name] = p._param.default
     if "signature" in variant:  # the small kernels' variants state their own
         sig, divisible = dict(variant["signature"]), list(variant["divisible"])
     else:
-        sig, divisible = _signature(variant["kernel"], variant["dtype"], consts["ALIGN"])
+        sig, divisible = _signature(variant["kernel"], variant["dtype"], consts["ALIGN"],
+                                    variant.get("target", "i64"))
     sig.update({k: "constexpr" for k in consts})
     names = list(kernel.arg_names)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
@@ -226,6 +245,10 @@ def describe(v: dict) -> str:
     else:
         path = "loop"
     loss = LOSS_NAMES[c["LOSS_TYPE"]] + ("+ls" if c["HAS_SMOOTHING"] else "")
+    if c.get("DENSE"):
+        # q's dtype, its weight mode (sample / class), the softmax-focal split's middle launch
+        path += " sums" if c.get("FOCAL_SUMS") else ""
+        loss += f" q={v['target']}:{'cls' if c.get('CLASS_WEIGHTS') else 'smp'}"
     # cap, offset, margin, z-loss, scale
     tf = "".join(code for code, flag in zip("comzs", TRANSFORM_FLAGS) if c.get(flag))
     return (f"sm_{v['arch']} {v['dtype']:4} align={c['ALIGN']} {loss:13} "
@@ -234,13 +257,13 @@ def describe(v: dict) -> str:
             f"block={c['BLOCK_C']:<5} warps={v['num_warps']:<2}" + (f" tf={tf}" if tf else ""))
 
 
-def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False) -> bool:
+def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False, only_dense: bool = False) -> bool:
     try:
         import triton
     except ImportError:
         print("triton: not installed, skipped")
         return True
-    variants = triton_variants(quick, only_transforms)
+    variants = triton_variants(quick, only_transforms, only_dense)
     work = [(v, arch) for arch in archs for v in variants]
     print(f"triton {triton.__version__}: {len(work)} variants ({len(variants)} per architecture, "
           f"{'quick' if quick else 'full'} set), {jobs} worker(s)", flush=True)
@@ -271,12 +294,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a covering subset of the variants")
     parser.add_argument("--only-transforms", action="store_true",
                         help="only the variants with logit transforms or z-loss")
+    parser.add_argument("--only-dense", action="store_true", help="only the dense-target variants")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = parser.parse_args(argv)
     # Compile for real even if the caller's environment asks for the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms)
+    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms, args.only_dense)
     return 0 if ok else 1
 
 

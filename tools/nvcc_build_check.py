@@ -8,8 +8,9 @@ Each ``csrc/cuda/*.cu`` is compiled for the architectures ``setup.py`` builds by
 of it for the first architecture of every newer major version nvcc knows (sm_100, sm_110, sm_120 with CUDA 13):
 what the driver compiles that PTX into at first load on those GPUs. One nvcc run per source and virtual
 architecture. ptxas's report is parsed into one row per kernel (registers, spill stores, spill loads, stack, per
-target) and printed as a table. Exit status 1 on any compiler error or warning and on any spill: a kernel that
-spills has outgrown its register budget.
+target) and printed as a table. Exit status 1 on any compiler error or warning, on any spill (a kernel that spills
+has outgrown its register budget) and, building every source, on a kernel of EXPECTED_KERNELS missing for a storage
+type or target (the index-target and dense-target instantiations of each path).
 
 No GPU and no CUDA build of torch needed: the kernels include no torch header. When torch is importable, the
 binding (``csrc/cuda/*.cpp``, the one file that sees torch) is also compiled with ``-fsyntax-only`` against
@@ -57,6 +58,28 @@ TORCH_FLAGS = [
 STRICT_FLAGS = ["-Xcompiler", "-Wall,-Wextra,-Werror,-fPIC", "--Werror", "all-warnings", "-Xptxas", "-v"]
 
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"  # when cbkernels/_build.py's DEFAULT_CUDA_ARCH_LIST cannot be read
+
+# Every kernel the launchers instantiate, per storage type T (and its compute type A), as the table names them: a
+# flag's kernels missing from a build of every source means a launcher lost them. The index kernels: the plain ones
+# (every sigmoid focal exponent), then two transform kinds; the dense-target ones (cb_dense_*): one per path, with the
+# transforms and the focal exponent at run time.
+STORAGE_TYPES = {"float": "float", "half": "float", "bf16": "float", "double": "double"}
+EXPECTED_KERNELS = (
+    [f"cb_softmax_rows_kernel<{{T}},{tf}>" for tf in ("tf_off", "tf_affine", "tf_capped")]
+    + [f"cb_softmax_split_finish_kernel<{{T}},{tf}>" for tf in ("tf_off", "tf_affine", "tf_capped")]
+    + [f"cb_loss_stream_kernel<{{T}},SoftmaxFamily,{tf}>" for tf in ("tf_off", "tf_affine", "tf_capped")]
+    + [f"cb_loss_stream_kernel<{{T}},SigmoidFamily<G{g}>,tf_off>" for g in "0H12X"]
+    + [f"cb_loss_stream_kernel<{{T}},SigmoidFamily<G{g}>,{tf}>" for g in "0X" for tf in ("tf_affine", "tf_capped")]
+    + ["cb_sigmoid_split_sum_kernel<{A}>", "cb_reduction_scale_kernel<{A}>", "cb_reduce_rows_kernel<{A}>"]
+    + ["cb_dense_softmax_rows_kernel<{T}>", "cb_dense_stream_kernel<{T},SoftmaxFamily>",
+       "cb_dense_stream_kernel<{T},SigmoidFamily<GX>>", "cb_dense_split_finish_kernel<{T}>",
+       "cb_dense_row_weight_kernel<{T}>", "cb_dense_split_sum_kernel<{A}>", "cb_dense_reduction_scale_kernel<{A}>"]
+)
+
+
+def expected_kernels() -> List[str]:
+    return sorted({k.format(T=t, A=a) for t, a in STORAGE_TYPES.items() for k in EXPECTED_KERNELS})
+
 
 ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -183,7 +206,7 @@ def _shorten(name: str) -> str:
     name = re.sub(r"^void ", "", name)
     name = name.replace("cbkernels::gpu::", "").replace("cbkernels::", "")
     name = re.sub(r"\(GammaKind\)(\d)", lambda m: "G" + "0H12X"[int(m.group(1))], name)
-    name = re.sub(r"\(TfKind\)(\d)", lambda m: ("tf_off", "tf_affine", "tf_capped")[int(m.group(1))], name)
+    name = re.sub(r"\(TfKind\)(\d)", lambda m: ("tf_off", "tf_affine", "tf_capped", "tf_any")[int(m.group(1))], name)
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "half").replace(" ", "")
 
 
@@ -322,6 +345,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if uses:
         print(table(uses, columns))
+    if not args.sources and shutil.which("c++filt"):  # every source: every kernel the launchers use, every target
+        names = demangle(sorted({u.kernel for u in uses}))
+        built = {(names[u.kernel], u.target) for u in uses}
+        failures += [f"{k} ({c}): not built" for k in expected_kernels() for c in columns if (k, c) not in built]
     for u in uses:
         if u.spill_stores or u.spill_loads:
             failures.append(f"{demangle([u.kernel])[u.kernel]} ({u.target}): spills "

@@ -38,6 +38,22 @@ bool valid_threads_per_row(int tpr, int max_block) {
 
 size_t acc_bytes(Dtype d) { return d == Dtype::kDouble ? sizeof(double) : sizeof(float); }
 
+bool softmax_loss(const CBLossParams& p) { return p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal; }
+
+// Dense targets: whether the launch first finds every row's sample weight (cb_dense_row_weight_kernel), for the
+// "weighted_mean" normaliser or for split sigmoid rows in sample mode, which need it before their gradient.
+bool dense_row_weights(const CBLossCudaParams& p, const CBLossCudaPlan& plan) {
+  return p.dense_target && ((p.compute_scale && p.reduction == kWeightedMean) ||
+                            (!softmax_loss(p) && p.weight_mode == kWeightSample && plan.splits > 1));
+}
+
+// Workspace elements (of the compute type) of the split rows' partial results, before the row weights.
+size_t split_elems(const CBLossCudaParams& p, const CBLossCudaPlan& plan) {
+  if (plan.splits <= 1) return 0;
+  const size_t fields = !softmax_loss(p) ? 1 : p.dense_target ? kDenseSplitFields : kStatsFields;
+  return static_cast<size_t>(p.num_rows) * plan.splits * fields;
+}
+
 }  // namespace
 
 cudaError_t cb_loss_cuda_plan(const CBLossCudaParams& p, CBLossCudaPlan* plan) {
@@ -47,11 +63,13 @@ cudaError_t cb_loss_cuda_plan(const CBLossCudaParams& p, CBLossCudaPlan* plan) {
   const int vec = chunk_elems(p.dtype);
   // Chunks of the worst-aligned row: rows start anywhere within 16 bytes when the row stride is not a multiple.
   const int64_t max_chunks = cdiv(p.num_classes + vec - 1, vec);
-  const bool softmax = p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal;
+  // The only path of the sigmoid losses is kStream: they never need a row held; nor does the dense softmax focal loss,
+  // which reads a row again after its statistics for its per-column terms.
+  const bool held = softmax_loss(p) && !(p.dense_target && p.loss_type == kSoftmaxFocal);
   const int64_t rows_threads = cdiv(max_chunks, kHeld);
   CBLossCudaPlan out{};
-  out.path = Path::kStream;  // the only path of the sigmoid losses: they never need a row held
-  if (softmax) {
+  out.path = Path::kStream;
+  if (held) {
     out.path = p.force_path != Path::kAuto ? p.force_path : (rows_threads <= kRowsMaxThreads ? Path::kRows : Path::kStream);
   }
   out.splits = 1;
@@ -96,9 +114,9 @@ cudaError_t cb_loss_cuda_plan(const CBLossCudaParams& p, CBLossCudaPlan* plan) {
 
 size_t cb_loss_cuda_workspace_bytes(const CBLossCudaParams& p) {
   CBLossCudaPlan plan;
-  if (cb_loss_cuda_plan(p, &plan) != cudaSuccess || plan.splits <= 1) return 0;
-  const bool softmax = p.loss_type == kSoftmax || p.loss_type == kSoftmaxFocal;
-  return static_cast<size_t>(p.num_rows) * plan.splits * (softmax ? kStatsFields : 1) * acc_bytes(p.dtype);
+  if (cb_loss_cuda_plan(p, &plan) != cudaSuccess) return 0;
+  const size_t weights = dense_row_weights(p, plan) ? static_cast<size_t>(p.num_rows) : 0;
+  return (split_elems(p, plan) + weights) * acc_bytes(p.dtype);
 }
 
 cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& p, cudaStream_t stream) {
@@ -106,8 +124,13 @@ cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& p, cudaStream_t stream) 
   const cudaError_t planned = cb_loss_cuda_plan(p, &plan);
   if (planned != cudaSuccess) return planned;
   if (p.num_rows == 0) return cudaSuccess;
-  if (plan.splits > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  const bool row_weights = dense_row_weights(p, plan);
+  if ((plan.splits > 1 || row_weights) && p.workspace == nullptr) return cudaErrorInvalidValue;
   if (p.loss_type < kSoftmax || p.loss_type > kSoftmaxFocal) return cudaErrorInvalidValue;
+  // Class weights with index targets are sample weights only for the softmax losses without label smoothing (the
+  // index kernels compute those); the API edge sends the other cases as one-hot dense targets.
+  const bool index_class_ok = p.loss_type == kSoftmaxFocal || (p.loss_type == kSoftmax && p.label_smoothing == 0.0);
+  if (!p.dense_target && p.weight_mode == kWeightClass && !index_class_ok) return cudaErrorInvalidValue;
 
   KernelArgs a{};
   static_cast<CBLossParams&>(a) = p;
@@ -123,6 +146,8 @@ cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& p, cudaStream_t stream) 
   a.tf_kind = p.softcap != 0.0 ? TfKind::kCapped : affine || z_loss ? TfKind::kAffine : TfKind::kOff;
   a.tf_float = LogitTransform<float>::from(p);
   a.tf_double = LogitTransform<double>::from(p);
+  a.row_weights = row_weights ? static_cast<char*>(p.workspace) + split_elems(p, plan) * acc_bytes(p.dtype) : nullptr;
+  a.focal_phase = 0;
 
   switch (p.dtype) {
     case Dtype::kHalf: return launch_half(a, plan, p.loss_type, stream);

@@ -13,7 +13,8 @@
 namespace cbkernels::gpu {
 
 // Which kernel shape computes a call; kAuto lets cb_loss_cuda_plan decide (tests force the others). The
-// sigmoid losses have the stream path only (they never hold a row), whatever is forced.
+// sigmoid losses, and the softmax focal loss with a dense target, have the stream path only (they never hold a
+// row), whatever is forced.
 enum class Path : int { kAuto = 0, kRows = 1, kStream = 2 };
 
 // The kernels' params (cb_params.h; num_classes < 2^31 - 64, num_rows < 2^31) and what a launch adds to them.
@@ -41,11 +42,12 @@ struct CBLossCudaPlan {
 // Returns cudaErrorInvalidValue when the forced plan cannot hold the row.
 cudaError_t cb_loss_cuda_plan(const CBLossCudaParams& params, CBLossCudaPlan* plan);
 
-// Device memory the launch needs for the partial row results of the split path (0 otherwise).
+// Device memory the launch needs for the partial row results of the split path and, with a dense target, the rows'
+// sample weights when the normaliser or split sigmoid rows need them first (0 otherwise).
 size_t cb_loss_cuda_workspace_bytes(const CBLossCudaParams& params);
 
 // Queues the kernels on `stream`: no host synchronisation, no allocation, capturable in a CUDA graph.
-// A target outside [0, C) that is not ignore_index fails a device-side assert.
+// A target outside [0, C) that is not ignore_index fails a device-side assert; dense targets are not checked.
 cudaError_t cb_loss_cuda_launch(const CBLossCudaParams& params, cudaStream_t stream);
 
 }  // namespace cbkernels::gpu

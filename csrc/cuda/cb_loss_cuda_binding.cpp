@@ -111,7 +111,8 @@ TORCH_LIBRARY_FRAGMENT(cbkernels, m) {
       "_cb_loss_fwd_cuda_forced_plan(Tensor logits, Tensor target, Tensor weight, Tensor? scale, int loss_type, "
       "float gamma, float label_smoothing, int ignore_index, bool compute_grad, int path, int threads_per_row, "
       "int splits, str reduction=\"none\", float softcap=0.0, float logit_scale=1.0, float z_loss=0.0, "
-      "Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> (Tensor, Tensor)");
+      "int weight_mode=0, Tensor? logit_offset=None, Tensor? target_margin=None, Tensor(b!)? z_rows=None) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbkernels, CUDA, m) {

@@ -119,9 +119,79 @@ CB_DEVICE Tanh<A> tanh_sech2_gpu(A x) {
   return r;
 }
 
+// Softmax focal terms of one column with a dense target (SPEC section 9) at L = lse - z_j >= 0: mod = (1-P)^gamma and
+// coef = (1-P)^gamma (1 + gamma P r) with 1-P = -expm1(-L), P = exp(-L), r = L / (1-P) (1 where 1-P underflows), as
+// cb_math.h's softmax_focal_row; but once per column rather than per row, so the general power is exp(gamma log(1-P))
+// (pow's extra-precise logarithm made the kernels that inline it several times longer to build; the log, accurate to
+// an ulp, moves (1-P)^gamma by about gamma |log(1-P)| ulp: 1e-6 relative at 1-P = 1e-9, gamma 2). gamma = gamma_hi +
+// gamma_lo: the float rounding rest of a double gamma (see softmax_focal_row_exact_gamma), in the exponent.
+template <typename A>
+CB_DEVICE void dense_focal_column(A L, A gamma_hi, A gamma_lo, GammaKind gk, A& mod, A& coef) {
+  if (gk == GammaKind::kZero) {
+    mod = A(1);
+    coef = A(1);
+    return;
+  }
+  const A omp = -cb_expm1(-L);
+  switch (gk) {
+    case GammaKind::kHalf: mod = cb_sqrt(omp); break;
+    case GammaKind::kOne: mod = omp; break;
+    case GammaKind::kTwo: mod = omp * omp; break;
+    default: {
+      const A lg = cb_log(omp);
+      mod = omp > A(0) ? cb_exp(gamma_hi * lg + gamma_lo * lg) : A(0);  // not -inf + inf (gamma_lo < 0)
+    }
+  }
+  const A r = omp > A(0) ? L / omp : A(1);
+  coef = mod * (A(1) + (gamma_hi + gamma_lo) * cb_exp(-L) * r);
+}
+
 template <typename A> struct ElemMath;
 template <> struct ElemMath<float> { using type = FastMathF32; };
 template <> struct ElemMath<double> { using type = ScalarMath<double>; };  // float64 stays exact: no approximations
+
+// One sigmoid-type class term with a probability target q in [0, 1] (SPEC section 9, the torchvision / mmdet focal
+// form), from the one exp(-|z|) of cb_math.h's sigmoid_terms. With (a, b) = (1 - q, q) for z >= 0 and (q, 1 - q) for
+// z < 0, e = exp(-|z|) and d = sigmoid(|z|), every quantity is a sum of non-negative terms (no cancellation):
+//   ce = softplus(z) - q z = a |z| + log1p(e),   1 - pt = d (a + b e),   sigmoid(z) - q = sign(z) (a - e d),
+//   loss = (1-pt)^gamma ce,   d loss / d z = sign(z) (1-pt)^gamma [gamma (a - b) ratio ce + (a - e d)],
+// ratio = sigmoid(z) sigmoid(-z) / (1-pt) = e d / (a + b e): d where a = 0 (a 0/1 target, where the terms are
+// focal_term's). The general exponent takes log(1-pt) = log(a + b e) - log1p(e), or -|z| - log1p(e) where a = 0 (exact
+// where a + b e underflows, as focal_modulator); log is the accurate one (a + b e near 1 is where it matters).
+template <class M>
+CB_DEVICE void dense_sigmoid_term(typename M::V z, typename M::V q, typename M::V gamma, GammaKind gk,
+                                  typename M::V& loss, typename M::V& dloss) {
+  using V = typename M::V;
+  const V az = M::abs(z);
+  const V e = M::exp_nonpos(V(0) - az);
+  const V d = M::recip(V(1) + e);
+  const V ed = e * d;
+  const V lp = M::log1p_unit(e);
+  const bool pos = z >= V(0);
+  const V a = pos ? V(1) - q : q;
+  const V b = pos ? q : V(1) - q;
+  // a = 0 drops |z| (a masked -inf logit with q = 0 adds 0, as with an index target, not 0 * inf).
+  const V ce = (a != V(0) ? a * az : V(0)) + lp;
+  const V dce = a - ed;
+  if (gk == GammaKind::kZero) {
+    loss = ce;
+    dloss = pos ? dce : -dce;
+    return;
+  }
+  const V u = a + b * e;
+  const V omp = d * u;
+  V mod;
+  switch (gk) {
+    case GammaKind::kHalf: mod = M::sqrt(omp); break;
+    case GammaKind::kOne: mod = omp; break;
+    case GammaKind::kTwo: mod = omp * omp; break;
+    default: mod = M::exp_nonpos(gamma * ((a > V(0) ? cb_log(u) : V(0) - az) - lp)); break;
+  }
+  const V ratio = a > V(0) ? ed * M::recip(u) : d;
+  const V bracket = gamma * (a - b) * ratio * ce + dce;
+  loss = mod * ce;
+  dloss = pos ? mod * bracket : -(mod * bracket);
+}
 
 // The exps of a row relative to its (running) max m, and the rescaling of a sum of them from one max to another.
 //

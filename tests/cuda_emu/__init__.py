@@ -56,9 +56,14 @@ def _struct_fields(header: Path, head: str) -> list:
     return [(name, ctypes.c_void_p if star else _CTYPES[ctype]) for ctype, star, name in _FIELD.findall(body)]
 
 
-class Params(ctypes.Structure):
-    _fields_ = (_struct_fields(ROOT / "csrc" / "cb_params.h", "struct CBLossParams")
-                + _struct_fields(ROOT / "csrc" / "cuda" / "cb_loss_cuda.h", "struct CBLossCudaParams : CBLossParams"))
+class _BaseParams(ctypes.Structure):
+    _fields_ = _struct_fields(ROOT / "csrc" / "cb_params.h", "struct CBLossParams")
+
+
+# A subclass, as in C++: the launch fields start after the base's tail padding (which a C++ derived struct of a POD
+# base never reuses), not right after its last field.
+class Params(_BaseParams):
+    _fields_ = _struct_fields(ROOT / "csrc" / "cuda" / "cb_loss_cuda.h", "struct CBLossCudaParams : CBLossParams")
 
 
 _LIB = None
@@ -110,12 +115,13 @@ def _params(logits, *, num_sms, path, threads_per_row, splits, **fields) -> Para
     return p
 
 
-def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits=0) -> Optional[dict]:
-    """The launch plan (a dict) for these logits, or None when the forced plan is invalid."""
+def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits=0, **fields) -> Optional[dict]:
+    """The launch plan (a dict) for these logits, or None when the forced plan is invalid. ``fields`` are further
+    params by name (the workspace depends on dense_target, weight_mode, reduction and compute_scale)."""
     lib = load()
     out = (ctypes.c_int64 * 7)()
     p = _params(logits, num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits,
-                loss_type=loss_type, gamma=0.5, logit_scale=1.0)
+                loss_type=loss_type, gamma=0.5, logit_scale=1.0, **fields)
     if lib.cbk_emu_plan(ctypes.byref(p), out) != 0:
         return None
     keys = ("path", "threads_per_row", "block_threads", "grid_rows", "splits", "chunks_per_split", "workspace")
@@ -123,6 +129,7 @@ def plan(logits, loss_type, *, num_sms=4, path="auto", threads_per_row=0, splits
 
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "weighted_mean": 3}
+WEIGHT_MODES = {"sample": 0, "class": 1}
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor],
@@ -130,15 +137,16 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, sc
             grad: Optional[torch.Tensor] = None, compute_grad: bool = True, num_sms: int = 4, path: str = "auto",
             threads_per_row: int = 0, splits: int = 0, reduction: str = "none", softcap: float = 0.0,
             logit_offset: Optional[torch.Tensor] = None, target_margin: Optional[torch.Tensor] = None,
-            logit_scale: float = 1.0, z_loss: float = 0.0,
-            z_rows: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+            logit_scale: float = 1.0, z_loss: float = 0.0, z_rows: bool = False,
+            weight_mode: str = "sample") -> Tuple[torch.Tensor, Optional[torch.Tensor], dict]:
     """The loss and ``s * dl/dz`` from the emulated kernels, as the binding launches them: the loss is per row for
     ``reduction="none"``, else the 0-d ``s * sum_i l_i``; without ``scale`` the launch computes ``s`` of the
     reduction (its value is returned in the plan dict as ``"scale"``). ``grad`` may be the logits (in place) or
     any buffer of the logits' shape. The logit transforms and z-loss (SPEC sections 10-11) as the op takes them
     (softcap 0: none; ``logit_offset`` / ``target_margin`` float32 ``[C]``); ``z_rows=True`` asks for each row's
-    z-loss term, returned in the plan dict as ``"z_rows"``. Outputs start as NaN, so an element the kernels leave
-    unwritten shows."""
+    z-loss term, returned in the plan dict as ``"z_rows"``. A floating ``target`` of the logits' shape is a dense
+    target (SPEC section 9; the logits' dtype or float32, any row stride, unit column stride), weighted per
+    ``weight_mode`` ("sample" or "class"). Outputs start as NaN, so an element the kernels leave unwritten shows."""
     lib = load()
     for vec in (logit_offset, target_margin):
         assert vec is None or (vec.dtype == torch.float32 and vec.shape == logits.shape[1:] and vec.is_contiguous())
@@ -153,18 +161,27 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, sc
     if grad is None and compute_grad:
         grad = torch.full(logits.shape, float("nan"), dtype=logits.dtype)
     launch = dict(num_sms=num_sms, path=path, threads_per_row=threads_per_row, splits=splits)
-    p = plan(logits, loss_type, **launch)
+    dense = target.is_floating_point()
+    if dense:
+        assert target.shape == logits.shape and target.dtype in (logits.dtype, torch.float32)
+        assert target.shape[1] <= 1 or target.stride(1) == 1
+    target_fields = dict(dense_target=dense, target_dtype=DTYPES[target.dtype] if dense else 0,
+                         target_row_stride=target.stride(0) if dense else 0,
+                         weight_mode=WEIGHT_MODES[weight_mode], reduction=REDUCTIONS[reduction],
+                         compute_scale=compute_scale)
+    p = plan(logits, loss_type, **launch, **target_fields)
     if p is None:
         raise ValueError("invalid forced plan")
-    ws = torch.empty(p["workspace"], dtype=torch.uint8) if p["workspace"] else None
+    # NaN bytes: a partial result read before it is written shows.
+    ws = torch.full((p["workspace"],), 255, dtype=torch.uint8) if p["workspace"] else None
     params = _params(logits, **launch, grad=_ptr(grad), grad_row_stride=grad.stride(0) if grad is not None else 0,
                      target=target.data_ptr(), target_is_int32=target.dtype == torch.int32, weight=weight.data_ptr(),
                      scale=_ptr(scale), scale_is_double=scale is not None and scale.dtype == torch.float64,
                      loss=loss.data_ptr(), reduced=_ptr(reduced), workspace=_ptr(ws), loss_type=loss_type,
                      gamma=float(gamma), label_smoothing=float(label_smoothing), ignore_index=ignore_index,
-                     reduction=REDUCTIONS[reduction], compute_scale=compute_scale, softcap=float(softcap),
+                     softcap=float(softcap),
                      logit_offset=_ptr(logit_offset), target_margin=_ptr(target_margin), logit_scale=float(logit_scale),
-                     z_loss=float(z_loss), z_rows=_ptr(zr))
+                     z_loss=float(z_loss), z_rows=_ptr(zr), **target_fields)
     rc = lib.cbk_emu_launch(ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"cb_loss_cuda_launch returned CUDA error {rc}")
