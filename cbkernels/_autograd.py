@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._backends import Backend, get_backend, gpu_too_old
 from ._opdefs import NO_TENSORS, LogitTensors, LossSpec, loss_dtype
-from ._torch_stages import reduction_scale, refuse_double_backward
+from ._torch_stages import flat_target, reduction_scale, refuse_double_backward
 
 
 def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend: Backend, spec: LossSpec,
@@ -32,7 +32,7 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
     if backend.name == "cpu" and not (inplace_backward and logits.requires_grad) and not return_z_loss:
         flat = logits.dim() == 2  # reshape is a dispatched op even when it changes nothing
         z = logits if flat else logits.reshape(-1, logits.shape[-1])
-        args = (z, target if flat else _flat_target(target, logits.shape[-1]), weight, scale, *spec.op_args())
+        args = (z, target if flat else flat_target(target, logits.shape[-1]), weight, scale, *spec.op_args())
         loss = _cpu_loss_op(*args) if tensors is NO_TENSORS else _cpu_loss_op(*args, **tensors.kwargs())
         return loss if flat or spec.reduction != "none" else loss.reshape(logits.shape[:-1])
     if not return_z_loss:
@@ -42,13 +42,8 @@ def class_balanced_loss(logits: Tensor, target: Tensor, weight: Tensor, backend:
     if spec.reduction == "none":
         return loss, z_rows.reshape(logits.shape[:-1])
     if scale is None:
-        scale = reduction_scale(_flat_target(target, logits.shape[-1]), weight, spec, z_rows.dtype)
+        scale = reduction_scale(flat_target(target, logits.shape[-1]), weight, spec, z_rows.dtype)
     return loss, z_rows.sum() * scale.to(z_rows.dtype)
-
-
-def _flat_target(target: Tensor, num_classes: int) -> Tensor:
-    """The op's target: class indices ``[N]``, or a dense target's rows ``[N, C]`` (SPEC section 9)."""
-    return target.reshape(-1, num_classes) if target.is_floating_point() else target.reshape(-1)
 
 
 def _cpu_loss_op(*args, **kwargs) -> Tensor:
@@ -68,7 +63,7 @@ class CBLossFunction(torch.autograd.Function):
         loss_fwd, loss_fwd_inplace = get_backend(backend).functions()
         lead_shape = logits.shape[:-1]
         z = logits.reshape(-1, logits.shape[-1])
-        t = _flat_target(target, z.shape[1])
+        t = flat_target(target, z.shape[1])
         want_grad = ctx.needs_input_grad[0]
         if return_z_loss:
             z_rows = logits.new_empty((z.shape[0],), dtype=loss_dtype(logits.dtype))

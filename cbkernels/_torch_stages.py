@@ -40,6 +40,11 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         torch._assert_async(~bad.any(), "cbkernels: target outside [0, C) and not ignore_index")
 
 
+def flat_target(target: Tensor, num_classes: int) -> Tensor:
+    """The ops' target: class indices ``[N]``, or a dense target's rows ``[N, C]`` (SPEC section 9)."""
+    return target.reshape(-1, num_classes) if target.is_floating_point() else target.reshape(-1)
+
+
 def reduce_rows(rows: Tensor, scale: Tensor, spec: LossSpec) -> Tensor:
     """The op's loss from the per-row losses: ``rows`` for ``"none"``, else ``scale * sum_i rows_i`` (0-d)."""
     if spec.reduction == "none":

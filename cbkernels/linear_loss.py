@@ -48,6 +48,7 @@ from ._opdefs import (
 )
 from ._torch_stages import (
     check_targets,
+    flat_target,
     focal_terms,
     reduction_scale,
     refuse_double_backward,
@@ -624,8 +625,8 @@ def linear_cb_loss(
     tensors = V.logit_tensors(logit_offset, target_margin, vocab, hidden.device)
     cfg = _Config(spec, rows, backend_name, bool(allow_retain_graph), shard, tensors, bool(return_z_loss))
     scale = V.normalizer_scale(normalizer, spec.reduction, hidden.device, loss_dtype(hidden.dtype))
-    flat_target = target.reshape(n, vocab) if target.is_floating_point() else target.reshape(n)
-    loss, z_term = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias, flat_target, w,
+    loss, z_term = _LinearCBLossFunction.apply(hidden.reshape(n, hidden_size), lm_weight, bias,
+                                               flat_target(target, vocab), w,
                                                cfg, scale)
     if reduction == "none":
         loss, z_term = loss.reshape(lead), z_term.reshape(lead) if return_z_loss else z_term

@@ -20,6 +20,18 @@ def _softplus(x: Tensor) -> Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+def _transform(z: Tensor, q: Tensor, softcap, logit_offset, target_margin, logit_scale: float) -> Tensor:
+    """SPEC section 10's transforms in its order; the margin scaled by the per-class target ``q`` (one-hot rows for
+    class indices)."""
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if logit_offset is not None:
+        z = z + logit_offset.to(z.dtype)
+    if target_margin is not None:
+        z = z - target_margin.to(z.dtype)[None, :] * q
+    return z * logit_scale
+
+
 def reference_loss(
     logits: Tensor,
     target: Tensor,
@@ -59,13 +71,7 @@ def reference_loss(
     w = torch.ones(c, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
     a = torch.where(valid, w[t_safe], torch.zeros((), dtype=z.dtype, device=z.device))
     onehot = F.one_hot(t_safe, c).to(z.dtype)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if logit_offset is not None:
-        z = z + logit_offset.to(z.dtype)
-    if target_margin is not None:
-        z = z - target_margin.to(z.dtype)[None, :] * onehot
-    z = z * logit_scale
+    z = _transform(z, onehot, softcap, logit_offset, target_margin, logit_scale)
 
     if loss_type == "softmax":
         lse = torch.logsumexp(z, dim=1)
@@ -146,13 +152,7 @@ def _dense_reference(logits: Tensor, target: Tensor, weight: Optional[Tensor], *
     sample_a = torch.where(valid, sample_a, torch.zeros_like(sample_a))
     a = sample_a if weight_mode == "sample" else valid.to(z.dtype)
     cw = torch.ones_like(w) if weight_mode == "sample" else w
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if logit_offset is not None:
-        z = z + logit_offset.to(z.dtype)
-    if target_margin is not None:
-        z = z - target_margin.to(z.dtype)[None, :] * q
-    z = z * logit_scale
+    z = _transform(z, q, softcap, logit_offset, target_margin, logit_scale)
 
     lse = torch.logsumexp(z, dim=1)
     if loss_type == "softmax":
