@@ -7,7 +7,10 @@ See docs/spec.md for what every loss computes.
 
 import sys as _sys
 
-from . import _torch_backend  # noqa: F401  (registers the pure-PyTorch backend's op kernels)
+from . import (
+    _torch_backend,  # noqa: F401  (registers the pure-PyTorch backend's op kernels)
+    metrics,  # noqa: F401  (cbkernels.metrics: long-tail accuracy)
+)
 from ._backends import available_backends
 from ._version import __version__
 from .linear_loss import LinearClassBalancedLoss, linear_cb_loss
