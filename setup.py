@@ -52,6 +52,20 @@ def _extensions():
     base = cmdclass["build_ext"]
 
     class BuildExtRecordingTorch(base):
+        def finalize_options(self):
+            super().finalize_options()
+            if "build_temp" not in self.distribution.get_option_dict("build_ext"):  # unless given (--build-temp)
+                # One object directory per Python and torch, in the tree, for every build of this checkout (the
+                # editable install, `pip wheel`, `setup.py build_ext`): ninja then recompiles only what changed
+                # (it tracks the commands and the headers), so `make dist-check`'s wheel links the objects
+                # `make setup` compiled, and a rebuild after an edit compiles one file, not all of them.
+                import sys
+
+                import torch
+
+                tag = f"cp{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+                self.build_temp = os.path.join(HERE, "build", f"temp-{tag}".replace("+", "_"))
+
         def run(self):
             super().run()
             # Beside the library, wherever it went (build/lib for a wheel, the source tree with --inplace).
