@@ -19,6 +19,7 @@ a mean over no class is NaN.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ SHOTS = ("many", "medium", "few")
 
 def _thresholds(many, few) -> tuple[float, float]:
     for name, v in (("many", many), ("few", few)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
             raise TypeError(f"{name} must be a number (a training-sample count), got {v!r}")
     if few > many:
         raise ValueError(f"few ({few}) must be <= many ({many}): a class cannot be few-shot and many-shot")
@@ -51,9 +52,17 @@ def shot_groups(samples_per_class: Counts, many: float = 100, few: float = 20) -
 
 
 def _check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    return num_classes
+    return int(num_classes)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    return int(ignore_index)
 
 
 def _hits(input: Tensor, target: Tensor, num_classes: Optional[int], ignore_index: int):
@@ -74,7 +83,7 @@ def _hits(input: Tensor, target: Tensor, num_classes: Optional[int], ignore_inde
         c = input.shape[-1]
         if c == 0:
             raise ValueError("scores have 0 classes (last dim is empty)")
-        if num_classes is not None and num_classes != c:
+        if num_classes is not None and _check_num_classes(num_classes) != c:
             raise ValueError(f"scores have {c} classes (last dim) but num_classes is {num_classes}")
         pred = input.argmax(-1).reshape(-1)
     elif input.dtype in INDEX_DTYPES:
@@ -85,11 +94,15 @@ def _hits(input: Tensor, target: Tensor, num_classes: Optional[int], ignore_inde
             raise ValueError("num_classes is required with integer predictions (with scores it is their last dim)")
         c = _check_num_classes(num_classes)
         pred = input.reshape(-1)
-        if pred.device.type == "cpu" and pred.numel() and bool(((pred < 0) | (pred >= c)).any()):
-            bad = pred[(pred < 0) | (pred >= c)][0].item()
-            raise ValueError(f"predictions hold {bad}, outside [0, {c})")
+        bad = (pred < 0) | (pred >= c)
+        if pred.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(bad.any()):
+                raise ValueError(f"predictions hold {pred[bad][0].item()}, outside [0, {c})")
+        else:  # as check_targets: a device-side assert, no host sync
+            torch._assert_async(~bad.any(), "cbkernels.metrics: a prediction outside [0, C)")
     else:
         raise TypeError(f"input must be floating scores [..., C] or integer predictions, got {input.dtype}")
+    ignore_index = _check_ignore_index(ignore_index)
     t = target.reshape(-1).long()
     check_targets(t, c, ignore_index)
     counted = t != ignore_index
@@ -138,7 +151,8 @@ def balanced_accuracy(input: Tensor, target: Tensor, num_classes: Optional[int] 
 def shot_accuracy(input: Tensor, target: Tensor, samples_per_class: Counts, *, many: float = 100, few: float = 20,
                   ignore_index: int = -100) -> dict[str, Tensor]:
     """``{"many", "medium", "few"}``: the mean per-class accuracy of each shot group (``shot_groups``), over its
-    classes present in ``target``; NaN for a group with none. ``samples_per_class``: the training counts ``[C]``."""
+    classes present in ``target``; NaN for a group with none. ``samples_per_class``: the training counts ``[C]``,
+    read on the host (a device tensor is copied: one sync per call; ``LongTailAccuracy`` reads them once)."""
     groups = shot_groups(samples_per_class, many, few)
     acc = per_class_accuracy(input, target, groups.shape[0], ignore_index=ignore_index)
     groups = groups.to(acc.device)
@@ -161,16 +175,16 @@ class LongTailAccuracy(nn.Module):
     ``compute()`` returns float64 tensors: ``accuracy`` (over all counted samples), ``balanced_accuracy`` (mean
     per-class accuracy over the classes seen), ``per_class_accuracy`` ``[C]`` (NaN for a class never seen),
     ``support`` ``[C]`` (int64, samples per class) and, with ``samples_per_class``, ``many``, ``medium``, ``few``.
-    ``all_reduce(group)`` sums the counts over ranks in place; ``reset()`` zeroes them.
+    ``all_reduce(group)`` sums the counts over ranks in place; ``reset()`` zeroes them. Keep the metric out of a
+    ``DistributedDataParallel``-wrapped model: DDP broadcasts a module's buffers from rank 0 and would overwrite
+    the other ranks' counts. A NaN score is read as ``argmax`` reads it (the NaN's class is the prediction).
     """
 
     def __init__(self, num_classes: int, samples_per_class: Optional[Counts] = None, *, many: float = 100,
                  few: float = 20, ignore_index: int = -100, device=None):
         super().__init__()
         self.num_classes = _check_num_classes(num_classes)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        self.ignore_index = _check_ignore_index(ignore_index)
         self.many, self.few = _thresholds(many, few)
         self.register_buffer("correct", torch.zeros(num_classes, dtype=torch.int64, device=device))
         self.register_buffer("total", torch.zeros(num_classes, dtype=torch.int64, device=device))
@@ -180,7 +194,9 @@ class LongTailAccuracy(nn.Module):
             if groups.shape[0] != num_classes:
                 raise ValueError(f"samples_per_class has {groups.shape[0]} classes but num_classes is {num_classes}")
             groups = groups.to(self.correct.device)
-        self.register_buffer("groups", groups)
+        # Not saved: the split follows from the constructor's arguments (a checkpoint of the counts loads into a
+        # metric with or without one, and never replaces the thresholds it was built with).
+        self.register_buffer("groups", groups, persistent=False)
 
     @torch.no_grad()
     def update(self, input: Tensor, target: Tensor) -> "LongTailAccuracy":

@@ -26,6 +26,17 @@ LOSS_TYPES = ("softmax", "sigmoid", "focal", "softmax_focal")
 REDUCTIONS = ("none", "mean", "sum", "weighted_mean")
 
 
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (examples/ is not a package): its functions and ``main(argv)``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_inputs(n, c, dtype=torch.float32, *, ignore_frac=0.2, seed=0, scale=3.0, device="cpu",
                 ignore_index=-100, target_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "token_balanced_lm.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    # examples/ is not a package: load the script as a module by path.
-    spec = importlib.util.spec_from_file_location("token_balanced_lm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("token_balanced_lm")
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,64 @@ def test_on_the_gpu_equals_the_cpu():
     m = LongTailAccuracy(50, samples_per_class=counts.cuda(), device="cuda")
     for chunk in range(3):
         m.update(scores[chunk::3].cuda(), target[chunk::3].cuda())
-    gpu = m.compute()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # update and compute never wait for the device
+    try:
+        m.update(scores[:0].cuda(), target[:0].cuda())
+        gpu = m.compute()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     for k, v in cpu.items():
         assert gpu[k].device.type == "cuda"
         torch.testing.assert_close(gpu[k].cpu(), v, equal_nan=True, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_index_dtype(dtype):
+    t = TARGET.clone()
+    t[6] = 9  # uint8 cannot hold -100
+    same(per_class_accuracy(PRED.to(dtype), t.to(dtype), 4, ignore_index=9).tolist(), HAND)
+
+
+def test_odd_inputs():
+    # an empty batch counts nothing; 0-d targets with [C] scores; non-contiguous scores; float16 scores
+    m = LongTailAccuracy(4, samples_per_class=[150, 50, 5, 7])
+    m.update(torch.randn(0, 4), torch.zeros(0, dtype=torch.int64))
+    assert m.total.sum().item() == 0
+    m.update(torch.tensor([0.0, 3.0, 1.0, 2.0]), torch.tensor(1))
+    assert m.correct.tolist() == [0, 1, 0, 0] and m.total.tolist() == [0, 1, 0, 0]
+    scores = torch.nn.functional.one_hot(PRED, 4).half().t().contiguous().t()  # [10, 4], column-major
+    assert not scores.is_contiguous()
+    same(per_class_accuracy(scores, TARGET).tolist(), HAND)
+    same(per_class_accuracy(PRED[::1].view(2, 5).t(), TARGET.view(2, 5).t(), 4).tolist(), HAND)
+    # numpy integers for the counts, thresholds and num_classes
+    np = pytest.importorskip("numpy")
+    assert shot_groups(np.array([150, 50, 5]), many=np.int64(100), few=np.int32(20)).tolist() == [0, 1, 2]
+    same(per_class_accuracy(PRED, TARGET, np.int64(4)).tolist(), HAND)
+
+
+def test_split_is_not_part_of_the_checkpoint():
+    with_split = LongTailAccuracy(4, samples_per_class=[150, 50, 5, 7]).update(PRED, TARGET)
+    plain = LongTailAccuracy(4)
+    plain.load_state_dict(with_split.state_dict())
+    same(plain.compute()["per_class_accuracy"].tolist(), HAND)
+    other = LongTailAccuracy(4, samples_per_class=[150, 50, 5, 7], many=1000, few=1)
+    other.load_state_dict(LongTailAccuracy(4).update(PRED, TARGET).state_dict())
+    assert other.groups.tolist() == [1, 1, 1, 1]  # its own thresholds, not a checkpoint's
+    assert set(with_split.state_dict()) == {"correct", "total"}
+
+
+def test_argument_checks():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        per_class_accuracy(PRED, TARGET, 4, ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        LongTailAccuracy(4, ignore_index=None)
+    with pytest.raises(ValueError, match="fit in int64"):
+        per_class_accuracy(PRED, TARGET, 4, ignore_index=2**70)
+    with pytest.raises(ValueError, match="num_classes must be"):
+        per_class_accuracy(torch.randn(10, 4), TARGET, 4.0)
+    with pytest.raises(TypeError, match="many must be a number"):
+        shot_groups([1, 2], many="100")
+    m = LongTailAccuracy(4, device="meta")
+    with pytest.raises(ValueError, match="is on cpu but the metric is on meta"):
+        m.update(PRED, TARGET)
