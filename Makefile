@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU wheel by default; e.g. `make setup TORCH_SPEC='torch==2.11.0'` for another build.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,triton,plot,examples,hf
+# The oldest Triton the package supports, beside the venv's (not on its path): the suite compiles the kernels' covering
+# set with it too, so a feature of a newer Triton cannot slip in (it once did: fdiv(approx=)).
+TRITON_MIN_SPEC ?= triton==3.6.0
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup test bench lint gpu-build-check dist-check clean
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py cbkernels/_build.py Makefile $(CSRC)
 	$(PY) -m pip install -q -U pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	rm -rf $(VENV)/triton-min && $(PY) -m pip install -q --no-deps --target $(VENV)/triton-min "$(TRITON_MIN_SPEC)"
 	touch $@
 
 test: setup

@@ -35,6 +35,8 @@ Error bound and tolerances: tests/test_triton.py, "Float32 GPU error bound".
 
 """
 
+import inspect
+
 import triton.language as tl
 from triton import jit
 
@@ -52,6 +54,9 @@ GAMMA_HALF = tl.constexpr(_triton.GAMMA_HALF)
 GAMMA_ONE = tl.constexpr(_triton.GAMMA_ONE)
 GAMMA_TWO = tl.constexpr(_triton.GAMMA_TWO)
 GAMMA_ANY = tl.constexpr(_triton.GAMMA_ANY)
+# tl.fdiv(approx=True) (div.approx.f32) is Triton >= 3.7's; Triton 3.6's fdiv takes no such argument and lowers to
+# div.full.f32 (2 ulp as well, a few more instructions): _rcp's Newton step makes either correctly rounded.
+FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 
 # float32(ln 2): _exp's residual x - t * ln(2) in one FMA (the constant's own error, 2.7e-9 relative, leaves
 # 2.7e-9 * |x| in the result: 2.4e-7 at the underflow threshold |x| = 87).
@@ -102,7 +107,10 @@ def _rcp(w):
     if w.dtype == tl.float64:
         r = 1.0 / w
     else:
-        r = tl.fdiv(1.0, w, approx=True)
+        if FDIV_APPROX:
+            r = tl.fdiv(1.0, w, approx=True)
+        else:
+            r = tl.fdiv(1.0, w)
         r = tl.fma(r, tl.fma(-w, r, 1.0), r)
     return r
 

@@ -10,7 +10,9 @@ spills or call frames here). ``align`` is the ALIGN constexpr: the
 elements per vector access the host proved possible (16 bytes' worth when C and row strides allow, 2 for even C such
 as 8142, else 1).
 
-Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--only-dense] [--jobs N]``.
+Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--only-dense] [--code-paths]
+[--jobs N]``. ``--code-paths``: one small variant per code path, failing on compile errors only (the suite runs it
+with the oldest supported Triton).
 ``--quick`` compiles only the covering subset: per dtype and tile shape, the variants with the most live values (the
 full set is the default). ``--only-transforms``: only the variants with logit transforms or z-loss
 (``transform_variants``); ``--only-dense``: only the dense-target ones (``dense_variants``, and the normaliser's
@@ -105,6 +107,25 @@ def triton_variants(quick: bool, only_transforms: bool = False, only_dense: bool
         if ok:
             keep.append(v)
     return keep + scale
+
+
+def code_path_variants() -> list:
+    """One variant per code path of the covering set: per kernel, loss, path (single tile, loop, split, finish),
+    dense or not, transforms or not and float64 or not, the one with the smallest tile (the fastest to compile). For
+    checking that every path compiles, e.g. with the oldest supported Triton (``--code-paths``)."""
+    def path(v):
+        c = v["constexprs"]
+        if v["kernel"] == "cb_loss_split_finish_kernel":
+            return "finish"
+        return "split" if c.get("SPLIT") else "single" if c.get("SINGLE_TILE") else "loop"
+
+    picked = {}
+    for v in triton_variants(True):
+        c = v["constexprs"]
+        key = (v["kernel"], c.get("LOSS_TYPE"), bool(c.get("DENSE")), _has_transforms(v), path(v), v["dtype"] == "fp64")
+        if key not in picked or c.get("BLOCK_C", 0) < picked[key]["constexprs"].get("BLOCK_C", 0):
+            picked[key] = v
+    return list(picked.values())
 
 
 def _every_transform(v: dict) -> bool:
@@ -257,13 +278,14 @@ def describe(v: dict) -> str:
             f"block={c['BLOCK_C']:<5} warps={v['num_warps']:<2}" + (f" tf={tf}" if tf else ""))
 
 
-def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False, only_dense: bool = False) -> bool:
+def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False, only_dense: bool = False,
+                 code_paths: bool = False) -> bool:
     try:
         import triton
     except ImportError:
         print("triton: not installed, skipped")
         return True
-    variants = triton_variants(quick, only_transforms, only_dense)
+    variants = code_path_variants() if code_paths else triton_variants(quick, only_transforms, only_dense)
     work = [(v, arch) for arch in archs for v in variants]
     print(f"triton {triton.__version__}: {len(work)} variants ({len(variants)} per architecture, "
           f"{'quick' if quick else 'full'} set), {jobs} worker(s)", flush=True)
@@ -277,7 +299,7 @@ def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = Fa
                 continue
             note = ""
             if r["spill"]:
-                ok = False
+                ok = ok and code_paths  # --code-paths checks that the code compiles; spills are the full sweep's
                 note = "  SPILL"
             print(f"{describe(r)}: regs {r['regs']:3} spill {r['spill']:3} B smem {r['smem']:5} B "
                   f"ld.global {r['loads']}{note}", flush=True)
@@ -295,12 +317,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only-transforms", action="store_true",
                         help="only the variants with logit transforms or z-loss")
     parser.add_argument("--only-dense", action="store_true", help="only the dense-target variants")
+    parser.add_argument("--code-paths", action="store_true",
+                        help="one small variant per code path; fails on compile errors only (spills reported)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = parser.parse_args(argv)
     # Compile for real even if the caller's environment asks for the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms, args.only_dense)
+    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms, args.only_dense, args.code_paths)
     return 0 if ok else 1
 
 
