@@ -42,11 +42,15 @@ through training):
 - CB + LA: class-balanced weights and the logit adjustment together (small beta x tau grid).
 
 For each family, the grid point with the best mean validation balanced accuracy is reported: the test set never
-picks anything. Every grid point is also in the JSON and Markdown outputs. Reported: balanced test accuracy (mean
-per-class recall), plain test accuracy, many / medium / few-shot accuracy (``cbkernels.metrics``: the mean
-accuracy of the classes in each group; thresholds scaled to this data set, whose head class has 100 images: many
-> 50, few < 10, so at IF 100 the groups are 2 / 3 / 5 classes and at IF 10 there is no few-shot class, NaN),
-mean +/- std over seeds, and paired differences vs plain softmax CE.
+picks anything. Every accuracy is float64 computed from integer hit counts, so grid points with the same hits
+score the same up to rounding: a tie (within ``TIE_TOL`` = 1e-9) goes to the earlier grid point. Every grid point
+is also in the JSON and Markdown outputs. Reported: balanced test accuracy (mean per-class recall), plain test
+accuracy, many / medium / few-shot accuracy (``cbkernels.metrics``: the mean accuracy of the classes in each group;
+thresholds scaled to this data set, whose head class has 100 images: many > 50, few < 10, so at IF 100 the groups
+are 2 / 3 / 5 classes and at IF 10 there is no few-shot class, NaN), mean +/- std over seeds, paired differences vs
+plain softmax CE and between selected losses (``PAIRS``: logit adjustment, Balanced Softmax and LDAM vs CB softmax,
+LA and Balanced Softmax vs LDAM, CB + LA vs LA, LDAM-DRW vs LDAM), each with the seeds better / worse (a difference
+within ``TIE_TOL`` of 0 is neither).
 
     python examples/long_tailed_digits.py            # full run: 10 seeds, about 10 minutes on two busy cores
     python examples/long_tailed_digits.py --quick    # smoke run: about 15 seconds
@@ -160,12 +164,17 @@ def forward(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(b2, torch.baddbmm(b1, x, w1).relu_(), w2)
 
 
-def per_class_recall(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """``[S, C]`` recall of each class for each seed's model."""
-    pred = logits.argmax(-1)
-    hits = (pred == y).float()
-    onehot = torch.nn.functional.one_hot(y, NUM_CLASSES).float()
-    return ((hits.unsqueeze(-1) * onehot).sum(1) / onehot.sum(1)).numpy()
+def class_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(hits, support)``, int64 ``[S, C]``: each seed's correct predictions and samples of each class."""
+    hit = (logits.argmax(-1) == y).long()
+    hits = torch.zeros(y.shape[0], NUM_CLASSES, dtype=torch.int64).scatter_add_(1, y, hit)
+    support = torch.zeros(y.shape[0], NUM_CLASSES, dtype=torch.int64).scatter_add_(1, y, torch.ones_like(y))
+    return hits.numpy(), support.numpy()
+
+
+def balanced_accuracy_from_hits(hits: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """float64 ``[S]`` mean per-class recall from integer counts ``[S, C]`` (every class present)."""
+    return (np.asarray(hits, dtype=np.int64) / np.asarray(support, dtype=np.int64)).mean(-1)
 
 
 def long_tail_metrics(logits: torch.Tensor, y: torch.Tensor, counts, many: float, few: float) -> dict:
@@ -305,11 +314,17 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+# Accuracies are ratios of small integer counts (at most a few thousand samples), so two different values differ
+# by far more than this; closer ones are the same value up to float rounding: a tie, in selection and seed counts.
+TIE_TOL = 1e-9
+
+
 def paired(a, b) -> dict:
-    """Paired difference ``a - b`` over seeds: mean, std, seeds better / worse."""
-    d = np.asarray(a) - np.asarray(b)
+    """Paired difference ``a - b`` over seeds: mean, std, seeds better / worse (a difference within ``TIE_TOL`` of
+    0 is a tie, neither)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     m, s = mean_std(d)
-    return dict(mean=m, std=s, better=int((d > 0).sum()), worse=int((d < 0).sum()))
+    return dict(mean=m, std=s, better=int((d > TIE_TOL).sum()), worse=int((d < -TIE_TOL).sum()))
 
 
 def candidates(runs: list[dict], imb, fam: str) -> list[dict]:
@@ -317,8 +332,10 @@ def candidates(runs: list[dict], imb, fam: str) -> list[dict]:
 
 
 def best(cands: list[dict]) -> dict:
-    """The best mean validation balanced accuracy (ties go to the earlier grid point)."""
-    return max(cands, key=lambda r: (r["val_bacc_mean"], -cands.index(r)))
+    """The best mean validation balanced accuracy; ties (within ``TIE_TOL``: the values are float64 means of ratios
+    of integer hit counts, so closer values are equal up to rounding) go to the earlier grid point."""
+    top = max(r["val_bacc_mean"] for r in cands)
+    return next(r for r in cands if r["val_bacc_mean"] >= top - TIE_TOL)
 
 
 SUMMARY_KEYS = ("test_bacc", "test_acc", "tail_acc", "many", "medium", "few")
@@ -386,6 +403,29 @@ def drw_vs_ldam(runs: list[dict], imbalance_factors) -> dict:
     return out
 
 
+# Paired comparisons between the validation-selected losses (a - b), beyond the ones against plain softmax CE.
+PAIRS = (("logit_adj", "cb_softmax"), ("balanced_softmax", "cb_softmax"), ("ldam", "cb_softmax"),
+         ("logit_adj", "ldam"), ("balanced_softmax", "ldam"), ("cb_la", "logit_adj"), ("ldam_drw", "ldam"))
+
+
+def pairwise(runs: list[dict], imbalance_factors) -> dict:
+    """Per imbalance factor, ``PAIRS`` between the validation-selected grid points: paired difference in balanced
+    test accuracy over seeds (pairs with a family that did not run are left out)."""
+    out = {}
+    for imb in imbalance_factors:
+        rows = []
+        for a, b in PAIRS:
+            ca, cb = candidates(runs, imb, a), candidates(runs, imb, b)
+            if not ca or not cb:
+                continue
+            ra, rb = best(ca), best(cb)
+            rows.append(dict(a=a, b=b, a_name=ra["name"], b_name=rb["name"],
+                             test_bacc=paired(ra["test_bacc"], rb["test_bacc"])))
+        if rows:
+            out[str(imb)] = rows
+    return out
+
+
 def machine_info() -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -434,6 +474,8 @@ def header(results: dict) -> str:
         f"{c['steps']} full-batch AdamW steps; hyper-parameters chosen on the balanced validation split "
         f"({c['val_per_class']} per class), test split {c['test_per_class']} per class\n"
         f"- training counts: {counts}\n"
+        "- accuracies are float64 from integer hit counts; a validation tie (within 1e-9) selects the earlier grid "
+        "point, and a paired difference within 1e-9 of 0 counts as neither better nor worse\n"
         f"- shot groups (training count n): many n > {c['many']:g}, medium {c['few']:g} <= n <= {c['many']:g}, "
         f"few n < {c['few']:g}; LDAM-DRW re-weights to β={c['drw_beta']:g} at step {c['drw_step']}\n"
     )
@@ -514,6 +556,22 @@ def markdown(results: dict) -> str:
                   + " |\n",
                   "| few-shot accuracy | " + " | ".join(fmt_paired(drw[str(i)]["few"]) if drw[str(i)]["few"] else "–"
                                                       for i in dimbs) + " |\n"]
+
+    pairs = results["pairwise"]
+    if pairs:
+        pimbs = [i for i in imbs if str(i) in pairs]
+        keys = list(dict.fromkeys((p["a"], p["b"]) for i in pimbs for p in pairs[str(i)]))
+        lines += ["\n## Paired differences between the selected losses, balanced test accuracy, points "
+                  "(mean ± std over seeds; seeds better / worse)\n\n"
+                  "Each loss at its own validation-selected hyper-parameters (first table); a − b, paired over "
+                  "seeds.\n\n",
+                  "| comparison | " + " | ".join(f"IF {i}" for i in pimbs) + " |\n|---|" + "---|" * len(pimbs) + "\n"]
+        for a, b in keys:
+            cells = []
+            for i in pimbs:
+                p = next((p for p in pairs[str(i)] if (p["a"], p["b"]) == (a, b)), None)
+                cells.append(fmt_paired(p["test_bacc"]) if p else "")
+            lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |\n")
 
     lines += ["\n## Every grid point: balanced test accuracy / few-shot accuracy / validation balanced accuracy, %\n\n",
               "| configuration | " + " | ".join(f"IF {i}" for i in imbs) + " |\n|---|" + "---|" * len(imbs) + "\n"]
@@ -733,11 +791,14 @@ def experiment(args) -> dict:
             cfg = todo.pop(0)
             params, info = train(cfg, init, xtr, ytr, counts, args)
             with torch.no_grad():
-                tr_acc = (forward(params, xtr).argmax(-1) == ytr).float().mean(1).numpy()
-                val_bacc = per_class_recall(forward(params, xva), yva).mean(1)
+                # float64 from integer counts, so equal hit counts give equal accuracies (see best())
+                tr_acc = (forward(params, xtr).argmax(-1) == ytr).sum(1).double().div(ytr.shape[1]).numpy()
+                val_hits, val_support = class_hits(forward(params, xva), yva)
+                val_bacc = balanced_accuracy_from_hits(val_hits, val_support)
                 te = long_tail_metrics(forward(params, xte), yte, counts, args.many, args.few)
             rec_te = te["per_class_accuracy"]
             run = dict(imbalance=imb, **cfg, seeds=seeds, train_acc=tr_acc.tolist(), val_bacc=val_bacc.tolist(),
+                       val_hits=val_hits.sum(1).tolist(),
                        test_bacc=te["balanced_accuracy"].tolist(), test_acc=te["accuracy"].tolist(),
                        tail_acc=rec_te[:, NUM_CLASSES - NUM_TAIL:].mean(1).tolist(),
                        **{s: te[s].tolist() for s in SHOTS},
@@ -772,6 +833,7 @@ def experiment(args) -> dict:
         selected=select(runs, args.imbalance_factors),
         beta_sweep=beta_sweep(runs, args.imbalance_factors),
         drw_vs_ldam=drw_vs_ldam(runs, args.imbalance_factors),
+        pairwise=pairwise(runs, args.imbalance_factors),
         wall_time_s=wall,
     )
     results = _json_safe(results)

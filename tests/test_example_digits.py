@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import load_example
 
 import cbkernels
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "long_tailed_digits.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    # examples/ is not a package: load the script as a module by path.
-    spec = importlib.util.spec_from_file_location("long_tailed_digits", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("long_tailed_digits")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +60,8 @@ def test_quick_run_writes_results(example, quick):
     assert cfg["quick"] is True
     assert cfg["command"].endswith("long_tailed_digits.py --quick --out " + str(out))
     assert f"`{cfg['command']}`" in text and cfg["machine"]["node"] in text
+    header = text.split("\n## ")[0]
+    assert cfg["date"] in header and f"seeds: 0-{cfg['seeds'] - 1} ({cfg['seeds']})" in header
     assert datetime.datetime.fromisoformat(cfg["date"]).tzinfo is not None
     assert cfg["machine"]["cpu_count"] >= 1 and cfg["seed_list"] == list(range(cfg["seeds"]))
     imbs = cfg["imbalance_factors"]
@@ -77,6 +74,9 @@ def test_quick_run_writes_results(example, quick):
         for key in ("train_acc", "val_bacc", "test_bacc", "test_acc", "tail_acc"):
             assert len(run[key]) == cfg["seeds"]
             assert all(0.0 <= v <= 1.0 for v in run[key]), (run["name"], key, run[key])
+        # the balanced validation split (20 per class): balanced accuracy is hits / 200, in float64
+        n_val = cfg["val_per_class"] * 10
+        assert all(abs(v - h / n_val) < 1e-12 for v, h in zip(run["val_bacc"], run["val_hits"], strict=True))
     for imb in imbs:
         assert set(data["selected"][str(imb)]) == set(example.FAMILIES)
         for sel in data["selected"][str(imb)].values():
@@ -141,7 +141,8 @@ def test_drw_run_reweights_in_place(example, quick):
         counts = cfg["train_counts"][str(imb)]
         ldam = [r for r in data["runs"] if r["imbalance"] == imb and r["family"] == "ldam"]
         (drw,) = [r for r in data["runs"] if r["imbalance"] == imb and r["family"] == "ldam_drw"]
-        assert drw["hp"] == max(ldam, key=lambda r: r["val_bacc_mean"])["hp"]
+        top = max(r["val_bacc_mean"] for r in ldam)
+        assert drw["hp"] == next(r for r in ldam if r["val_bacc_mean"] >= top - 1e-9)["hp"]
         assert drw["drw_step"] == cfg["drw_step"] and drw["weight_buffer_kept"] is True
         assert drw["weight_before"] == [1.0] * len(counts)
         want = cbkernels.class_balanced_weights(counts, beta=cfg["drw_beta"]).tolist()
@@ -149,6 +150,96 @@ def test_drw_run_reweights_in_place(example, quick):
         # the rarest class gets far more weight than the head after the switch
         assert drw["weight_after"][-1] > 5 * drw["weight_after"][0]
         assert str(imb) in data["drw_vs_ldam"]
+
+
+def test_pairwise_table(example, quick):
+    _, data, out = quick
+    text = (out / "long_tailed_digits_quick.md").read_text()
+    assert "## Paired differences between the selected losses" in text
+    want = [("logit_adj", "cb_softmax"), ("balanced_softmax", "cb_softmax"), ("ldam", "cb_softmax"),
+            ("logit_adj", "ldam"), ("balanced_softmax", "ldam"), ("cb_la", "logit_adj"), ("ldam_drw", "ldam")]
+    for a, b in want:
+        assert f"| {example.LABELS[a]} − {example.LABELS[b]} |" in text, (a, b)
+    for imb in data["config"]["imbalance_factors"]:
+        rows = data["pairwise"][str(imb)]
+        assert [(p["a"], p["b"]) for p in rows] == want
+        runs = {r["name"]: r for r in data["runs"] if r["imbalance"] == imb}
+        sel = data["selected"][str(imb)]
+        for p in rows:
+            assert (p["a_name"], p["b_name"]) == (sel[p["a"]]["name"], sel[p["b"]]["name"])
+            d = [u - v for u, v in zip(runs[p["a_name"]]["test_bacc"], runs[p["b_name"]]["test_bacc"], strict=True)]
+            got = p["test_bacc"]
+            assert got["mean"] == pytest.approx(sum(d) / len(d), abs=1e-12)
+            assert (got["better"], got["worse"]) == (sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d))
+        drw = next(p for p in rows if p["a"] == "ldam_drw")["test_bacc"]
+        assert drw == data["drw_vs_ldam"][str(imb)]["test_bacc"]
+
+
+def _val_logits(hits_per_class, per_class=20):
+    """One seed's validation logits ``[1, C * per_class, C]`` whose arg-max gets ``hits_per_class[c]`` of class
+    ``c``'s samples right (the others go to class ``c + 1``)."""
+    y, pred = [], []
+    for c, h in enumerate(hits_per_class):
+        y += [c] * per_class
+        pred += [c] * h + [(c + 1) % 10] * (per_class - h)
+    logits = 5.0 * torch.nn.functional.one_hot(torch.tensor(pred), 10).float()
+    return logits[None], torch.tensor(y)[None]
+
+
+def _val_run(example, name, hits_per_class):
+    hits, support = example.class_hits(*_val_logits(hits_per_class))
+    assert hits.tolist() == [list(hits_per_class)] and support.tolist() == [[20] * 10]
+    bacc = example.balanced_accuracy_from_hits(hits, support)
+    assert bacc.dtype == np.float64
+    return dict(name=name, val_bacc=bacc.tolist(), val_bacc_mean=example.mean_std(bacc)[0])
+
+
+def _float32_bacc(hits_per_class):
+    # the old float32 per-class-recall path, whose rounding split such ties
+    rec = np.asarray(hits_per_class, dtype=np.float32) / np.float32(20)
+    return float(rec.mean())
+
+
+@pytest.mark.parametrize("even, uneven", [
+    ([7] * 10, [6, 8] * 5),                  # 70 / 200 hits each: float32 ranks the second higher
+    ([14] * 10, [15] * 5 + [13] * 5),        # 140 / 200 each: even float64 ranks the second higher by one ulp
+])
+def test_validation_tie_selects_the_earlier_grid_point(example, even, uneven):
+    assert sum(even) == sum(uneven)
+    # the crafted runs are a real test: float32 rounding ranks the later one higher
+    assert _float32_bacc(uneven) > _float32_bacc(even) + 1e-9
+    a, b = _val_run(example, "a", even), _val_run(example, "b", uneven)
+    assert abs(a["val_bacc_mean"] - b["val_bacc_mean"]) < 1e-12
+    assert example.best([a, b])["name"] == "a"
+    assert example.best([b, a])["name"] == "b"
+    # one more validation hit is a real difference: it wins from any position
+    c = _val_run(example, "c", [uneven[0] + 1] + uneven[1:])
+    assert example.best([a, b, c])["name"] == "c" and example.best([c, a, b])["name"] == "c"
+
+
+def test_best_breaks_rounding_level_ties_by_grid_order(example):
+    # equal values up to rounding, the later one a hair higher: the earlier grid point is chosen
+    runs = [dict(name=n, val_bacc_mean=v) for n, v in (("x", 0.7), ("a", 0.778), ("b", 0.778 + 1e-15),
+                                                       ("c", 0.778 + 5e-12), ("d", 0.5))]
+    assert example.best(runs)["name"] == "a"
+    # the float32 images of two equal float64 means (1556 / 2000) differ by far more than a float64 ulp
+    runs = [dict(name="a", val_bacc_mean=0.778), dict(name="b", val_bacc_mean=0.778 + 1e-10)]
+    assert example.best(runs)["name"] == "a"
+    runs.append(dict(name="c", val_bacc_mean=0.778 + 1 / 2000))
+    assert example.best(runs)["name"] == "c"
+
+
+def test_paired_counts_ignore_rounding_level_differences(example):
+    a = [0.5 + 1e-15, 0.5, 0.6, 0.4, 0.7, 0.7780000031]
+    b = [0.5, 0.5 + 1e-16, 0.5, 0.5, 0.7 - 1e-12, 0.7780000031 + 1e-10]
+    d = example.paired(a, b)
+    assert (d["better"], d["worse"]) == (1, 1)
+    # float32 inputs are compared in float64: the same value is a tie
+    x = np.float32(0.778)
+    assert example.paired(np.array([x, x]), [float(x), float(x)])["better"] == 0
+    # at the tolerance: just beyond counts, just within does not
+    d = example.paired([1.0, 1.0, 1.0, 1.0], [1.0 - 2e-9, 1.0 + 2e-9, 1.0 - 5e-10, 1.0 + 5e-10])
+    assert (d["better"], d["worse"]) == (1, 1)
 
 
 def _counts_100(example):
