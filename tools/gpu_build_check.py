@@ -11,8 +11,8 @@ elements per vector access the host proved possible (16 bytes' worth when C and 
 as 8142, else 1).
 
 Usage: ``python tools/gpu_build_check.py [--arch 80 90] [--quick] [--only-transforms] [--only-dense] [--code-paths]
-[--jobs N]``. ``--code-paths``: one small variant per code path, failing on compile errors only (the suite runs it
-with the oldest supported Triton).
+[--suite] [--jobs N]``. ``--suite``: what ``make test`` compiles (``suite_variants``). ``--code-paths``: one small
+variant per code path, failing on compile errors only (the suite runs it with the oldest supported Triton).
 ``--quick`` compiles only the covering subset: per dtype and tile shape, the variants with the most live values (the
 full set is the default). ``--only-transforms``: only the variants with logit transforms or z-loss
 (``transform_variants``); ``--only-dense``: only the dense-target ones (``dense_variants``, and the normaliser's
@@ -107,6 +107,36 @@ def triton_variants(quick: bool, only_transforms: bool = False, only_dense: bool
         if ok:
             keep.append(v)
     return keep + scale
+
+
+def suite_variants() -> list:
+    """What ``make test`` compiles (``--suite``): the covering set (``--quick``) and, for every dtype, access width,
+    loss, gamma case and smoothing, with the gradient, the largest single tile and the largest loop tile (the
+    variants with the most live values of each math: the ones a covering set by loss once missed, e.g. focal with
+    gamma 0.5 or 2 on 16384-wide bf16 tiles). The full set (the default, ``make gpu-build-check``) adds the smaller
+    tiles and the loss-only launches, which hold fewer live values than these."""
+    from cbkernels._triton import launch_variants
+
+    def key(v):
+        return v["kernel"], v["dtype"], v["num_warps"], tuple(sorted(v["constexprs"].items()))
+
+    largest = {}
+    for v in launch_variants():
+        c = v["constexprs"]
+        if (_has_transforms(v) or _is_dense(v) or not c["HAS_GRAD"] or v["kernel"] == "cb_loss_split_finish_kernel"
+                or c.get("SPLIT")):
+            continue
+        k = (v["dtype"], c["ALIGN"], c["LOSS_TYPE"], c["GAMMA_CASE"], c["HAS_SMOOTHING"], bool(c["SINGLE_TILE"]))
+        size = c["BLOCK_C"] * c.get("ROWS", 1)
+        if k not in largest or size > largest[k][0]:
+            largest[k] = (size, v)
+    out = triton_variants(True)
+    seen = {key(v) for v in out}
+    for _, v in largest.values():
+        if key(v) not in seen:
+            seen.add(key(v))
+            out.append(v)
+    return out
 
 
 def code_path_variants() -> list:
@@ -279,13 +309,16 @@ def describe(v: dict) -> str:
 
 
 def check_triton(archs: list, quick: bool, jobs: int, only_transforms: bool = False, only_dense: bool = False,
-                 code_paths: bool = False) -> bool:
+                 code_paths: bool = False, suite: bool = False) -> bool:
     try:
         import triton
     except ImportError:
         print("triton: not installed, skipped")
         return True
-    variants = code_path_variants() if code_paths else triton_variants(quick, only_transforms, only_dense)
+    if code_paths or suite:
+        variants = code_path_variants() if code_paths else suite_variants()
+    else:
+        variants = triton_variants(quick, only_transforms, only_dense)
     work = [(v, arch) for arch in archs for v in variants]
     print(f"triton {triton.__version__}: {len(work)} variants ({len(variants)} per architecture, "
           f"{'quick' if quick else 'full'} set), {jobs} worker(s)", flush=True)
@@ -317,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only-transforms", action="store_true",
                         help="only the variants with logit transforms or z-loss")
     parser.add_argument("--only-dense", action="store_true", help="only the dense-target variants")
+    parser.add_argument("--suite", action="store_true",
+                        help="make test's set: the covering set and the largest tiles of every math (suite_variants)")
     parser.add_argument("--code-paths", action="store_true",
                         help="one small variant per code path; fails on compile errors only (spills reported)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
@@ -324,7 +359,8 @@ def main(argv=None) -> int:
     # Compile for real even if the caller's environment asks for the Triton interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms, args.only_dense, args.code_paths)
+    ok = check_triton(args.arch, args.quick, args.jobs, args.only_transforms, args.only_dense, args.code_paths,
+                      args.suite)
     return 0 if ok else 1
 
 
