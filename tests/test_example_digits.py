@@ -16,7 +16,6 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 
-
 @pytest.fixture(scope="module")
 def example():
     return load_example("long_tailed_digits")

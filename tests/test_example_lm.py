@@ -14,7 +14,6 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
 
-
 @pytest.fixture(scope="module")
 def example():
     return load_example("token_balanced_lm")
